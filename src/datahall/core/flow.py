@@ -105,6 +105,10 @@ class FlowNetwork:
         self.backend: Backend = "scipy" if fits else "networkx"
         if fits:
             self._csr = self._compile()
+        else:
+            self._nx = nx.DiGraph()
+            self._nx.add_nodes_from(self.nodes)
+            self._nx.add_edges_from((u, v, {"capacity": c}) for (u, v), c in self.int_caps.items())
 
     def _fits_int32(self) -> bool:
         out: dict[Hashable, int] = {}
@@ -150,10 +154,7 @@ class FlowNetwork:
         return int(res.flow_value), {self.nodes[i] for i in reach}
 
     def _networkx(self, s: Hashable, t: Hashable) -> tuple[int, set[Hashable]]:
-        G = nx.DiGraph()
-        G.add_nodes_from(self.nodes)
-        G.add_edges_from((u, v, {"capacity": c}) for (u, v), c in self.int_caps.items())
-        value, (side, _) = nx.minimum_cut(G, s, t)
+        value, (side, _) = nx.minimum_cut(self._nx, s, t)
         return int(value), set(side)
 
 

@@ -270,18 +270,18 @@ def from_dict(data: Any, source: str = "topology") -> nx.DiGraph:
 def load(path: str | Path) -> nx.DiGraph:
     """Read a topology from ``.json``, ``.yaml``/``.yml`` or ``.graphml`` and validate it."""
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml", ".graphml"):
+        raise TopologyError(f"{path}: unknown format {suffix!r}; use .json, .yaml or .graphml")
     if not path.exists():
         raise TopologyError(f"{path}: no such file")
-    suffix = path.suffix.lower()
     try:
         if suffix == ".json":
             G = from_dict(json.loads(path.read_text()), str(path))
         elif suffix in (".yaml", ".yml"):
             G = from_dict(yaml.safe_load(path.read_text()), str(path))
-        elif suffix == ".graphml":
-            G = _from_graphml(path)
         else:
-            raise TopologyError(f"{path}: unknown format {suffix!r}; use .json, .yaml or .graphml")
+            G = _from_graphml(path)
     except json.JSONDecodeError as e:
         raise TopologyError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
     except yaml.YAMLError as e:

@@ -1,0 +1,46 @@
+# Each target installs what it needs first: a virtualenv in .venv, pip packages, and (as root)
+# Debian packages listed in APT_PACKAGES.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES ?=
+SYSTEM ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench lint system-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamp files re-run pip when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else echo "datahall needs these Debian packages:$$missing; run: sudo apt-get install$$missing" >&2; exit 1; fi; \
+	fi
+
+demo: system-deps $(VENV)/.installed
+	$(BIN)/datahall tour
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: system-deps lint
+	$(BIN)/pytest -n 2 $(PYTEST_ARGS)
+
+bench: system-deps $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks $(SYSTEM)
+
+clean:
+	rm -rf $(VENV) report results .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""datahall benchmarks: `python -m benchmarks [SYSTEM]` runs every benchmark (or one system's)."""
