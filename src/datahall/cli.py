@@ -12,13 +12,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from . import systems
 from .core.cli import app as topology_app
 from .core.cli import emit_json
-from .core.report import SUMMARY_COLUMNS, console, print_table, summary_rows, write_report
+from .core.report import (
+    SUMMARY_COLUMNS,
+    console,
+    err_console,
+    print_table,
+    summary_rows,
+    write_report,
+)
 
 app = typer.Typer(
     help="datahall: open implementations of the systems that run an AI datacenter.",
@@ -93,9 +99,7 @@ def tour(
 
 
 def _fail(message: str) -> None:
-    Console(stderr=True).print(
-        f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True
-    )
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     sys.exit(2)
 
 

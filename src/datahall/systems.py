@@ -66,6 +66,9 @@ SYSTEMS: tuple[System, ...] = (
         "datahall.collectives",
         "throughput-optimal collective schedules for any GPU fabric; MSCCL export; simulator",
         "ForestColl, NSDI '26",
+        "ready",
+        "datahall.collectives.cli:app",
+        "datahall.collectives.demo:run",
     ),
     System(
         "kvshare",

@@ -29,6 +29,7 @@ from rich.table import Table  # noqa: E402
 
 __all__ = [
     "console",
+    "err_console",
     "table",
     "print_table",
     "jsonable",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 console = Console()
+err_console = Console(stderr=True)  # notes and errors, so that --json stdout stays parseable
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
