@@ -206,3 +206,30 @@ def test_fixed_k_and_broadcast_on_random_fabrics(G, k, seed):
     root = random.Random(seed).choice(compute_nodes(G))
     b = plan(G, "broadcast", root=root)
     _verify(G, b)
+
+
+def test_slots_beyond_int32_still_plan_exactly():
+    # 3e9 and 7e9 GB/s beside 1 GB/s links: slots exceed int32, max-flow falls back to networkx
+    G = new_topology("huge")
+    for n in "abc":
+        add_node(G, n, "gpu")
+    add_node(G, "sw", "switch")
+    add_link(G, "a", "b", 3e9)
+    add_link(G, "b", "c", 1)
+    add_link(G, "a", "c", 1.5)
+    add_link(G, "a", "sw", 7e9)
+    add_link(G, "c", "sw", 2)
+    s = plan(G)
+    assert s.x_star == Fraction(9, 4) and s.U * 3_000_000_000 > 2**31
+    _verify(G, s)
+
+
+def test_large_fabrics_do_not_fall_back_silently(monkeypatch):
+    import importlib
+
+    # the package re-exports the function plan(), which hides the module of the same name
+    monkeypatch.setattr(importlib.import_module("datahall.collectives.plan"), "PLAIN_LIMIT", 4)
+    G = random_fabric(gpus=6, seed=2)
+    with pytest.raises(ValueError, match="need the symmetric planner.*symmetric=False"):
+        plan(G)
+    _verify(G, plan(G, symmetric=False))

@@ -109,6 +109,20 @@ def map_paths(
     return out
 
 
+PLAIN_LIMIT = 128  # compute nodes beyond which the plain algorithm takes hours
+
+
+def _guard_plain(H: nx.DiGraph, symmetric: Symmetric, meta: dict) -> None:
+    """Refuse to fall back silently to the plain algorithm on a large fabric."""
+    n = sum(1 for _, kind in H.nodes(data="kind") if kind == "gpu")
+    if symmetric is not False and n > PLAIN_LIMIT:
+        why = meta["symmetry"]["fallback"] or "no symmetry was found"
+        raise ValueError(
+            f"{H.graph.get('name', 'topology')}: {n} GPUs need the symmetric planner, but {why}; "
+            "the plain algorithm would take hours here (pass symmetric=False to run it anyway)"
+        )
+
+
 def forest(
     H: nx.DiGraph,
     U: Fraction,
@@ -149,6 +163,7 @@ def forest(
         except SplitError as e:
             meta["symmetry"]["fallback"] = f"split: {e}"
     if split is None:
+        _guard_plain(H, symmetric, meta)
         split = edge_split(H, U, k, roots=roots, spread=spread)
     meta["split_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -162,6 +177,7 @@ def forest(
             meta["symmetry"]["fallback"] = f"trees: {e}"
             trees = None
     if trees is None:
+        _guard_plain(H, symmetric, meta)
         trees = pack_trees(split.capacity, split.compute_nodes, split.roots)
         check_packing(trees, split.capacity, split.compute_nodes, split.roots)
     meta["trees_s"] = time.perf_counter() - t
@@ -242,7 +258,8 @@ def plan(
     phase is checked: each physical arc carries at most ⌊U·b_e⌋ tree units, so the schedule's
     algbw equals the bound. ``symmetric="auto"`` grows trees for one root per orbit of the
     fabric's automorphisms when they are known (generator-built clusters) — what makes 256 GPUs
-    tractable — and falls back to the plain algorithm otherwise; True requires symmetry.
+    tractable — and falls back to the plain algorithm otherwise (refused beyond 128 GPUs, where
+    it takes hours, unless ``symmetric=False``); True requires symmetry.
 
     `meta` of the result holds the bottleneck cut, timings in seconds, symmetry use, logical
     arc and tree counts, the height of the tallest tree and, with `fixed_k`, the optimum it gives

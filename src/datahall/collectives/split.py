@@ -99,7 +99,7 @@ class IntNetwork:
         self.csr.data[self.pos(u, v)] = c
 
     def maxflow(self, s: int, t: int):
-        """(flow value, scipy result or None)."""
+        """(flow value, the result :meth:`source_side` needs)."""
         if not self.fits:
             coo = self.csr.tocoo()
             caps = {
@@ -320,8 +320,9 @@ class _Splitter:
     def triples(self, u, w, t) -> list[tuple]:
         return sorted({(g.get(u, u), g.get(w, w), g.get(t, t)) for g in self.elements}, key=repr)
 
-    def max_split(self, u, w, t, limit: int | None = None) -> tuple[int, list]:
-        """The largest M ≤ limit splittable at (u, w, t) and its whole orbit simultaneously."""
+    def max_split(self, u, w, t, limit: int | None = None, clean: bool = False) -> tuple[int, list]:
+        """The largest M ≤ limit splittable at (u, w, t) and its whole orbit simultaneously
+        (0 if `clean` and two pairs of the orbit share an arc)."""
         triples = self.triples(u, w, t)
         delta: Counter = Counter()  # array position → capacity change per unit of M
         for a, b, d in triples:
@@ -329,6 +330,8 @@ class _Splitter:
             delta[self._slot((b, d))] -= 1
             if a != d:
                 delta[self._slot((a, d))] += 1
+        if clean and min(delta.values()) < -1:
+            return 0, triples
         M = min(int(self.cv[p]) // -n for p, n in delta.items() if n < 0)
         if limit is not None:
             M = min(M, limit)
@@ -384,11 +387,16 @@ class _Splitter:
         self.succ[u].discard(v)
         self.pred[v].discard(u)
 
-    def _round(self, w, balanced: bool) -> bool:
+    def _round(self, w, balanced: bool, clean: bool = False) -> bool:
         progress = False
         for u in sorted(self.pred[w], key=repr):
-            outs = sorted(self.succ[w], key=lambda t: (t == u, repr(t)))
-            others = [t for t in outs if t != u]
+            # compute neighbours first, switch→switch pairs late (a logical arc between two
+            # switches fixed by the symmetry would be shared by a whole orbit), loops last
+            def order(t, u=u):
+                return (t == u, u not in self.Vc_set and t not in self.Vc_set, repr(t))
+
+            outs = sorted(self.succ[w], key=order)
+            others = [t for t in outs if t != u and not order(t)[1]]
             if (u, w) not in self.c or (balanced and not others):
                 continue
             share = None
@@ -400,7 +408,7 @@ class _Splitter:
                     break
                 if (w, t) not in self.c:
                     continue
-                M, triples = self.max_split(u, w, t, share)
+                M, triples = self.max_split(u, w, t, share, clean)
                 if M:
                     self.apply(triples, M)
                     progress = True
@@ -412,8 +420,13 @@ class _Splitter:
         # then greedy rounds of the largest splits until w is empty or nothing moves
         if self.spread:
             self._round(w, balanced=True)
-        while self.pred[w] and self.succ[w] and self._round(w, balanced=False):
-            pass
+        # at a switch fixed by the symmetry (a spine), first only "clean" pair orbits whose
+        # images use distinct arcs: an arc to another fixed switch shared by a whole orbit of
+        # pairs splits only in multiples of the orbit size, and can leave the switch stuck
+        fixed = all(g.get(w, w) == w for g in self.elements)
+        for clean in (True, False) if fixed and len(self.elements) > 1 else (False,):
+            while self.pred[w] and self.succ[w] and self._round(w, False, clean):
+                pass
         for w2 in {g.get(w, w) for g in self.elements}:
             if self.pred[w2] and self.succ[w2]:
                 raise SplitError(
@@ -467,7 +480,11 @@ def edge_split(
     else:  # the reference's order: fabric-wide switches (box -1) first, then box by box
         switches.sort(key=lambda w: (G.nodes[w].get("box", 0), _natural(w)))
     if symmetry is not None:
-        switches = symmetry.representatives(switches)
+        # largest orbits first: an orbit is split all at once, so its switches must not be
+        # neighbours; splitting a fixed switch (a spine) first would join the orbit (the leaves)
+        reps = symmetry.representatives(switches)
+        size = {w: len(symmetry.orbit(w)) for w in reps}
+        switches = sorted(reps, key=lambda w: -size[w])  # stable: keeps the order above
     sp.spread = spread
     for w in switches:
         sp.remove(w)

@@ -28,6 +28,7 @@ falls back to the plain packing.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -102,8 +103,8 @@ def _relabel(G: nx.DiGraph, fn: Callable[[str], str]) -> dict | None:
     """The node map n → fn(n), or None if it is not a permutation of G's nodes."""
     try:
         p = {n: fn(n) for n in G}
-    except (KeyError, ValueError, IndexError, ZeroDivisionError):
-        return None
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError, ZeroDivisionError):
+        return None  # the names do not follow the generator's scheme
     if set(p.values()) != set(G) or len(set(p.values())) != len(p):
         return None
     return p
@@ -219,13 +220,35 @@ def _box_candidates(G: nx.DiGraph, uplink_kind: str | None) -> list[tuple[str, d
     return out
 
 
+def _mesh_candidates(G: nx.DiGraph, limit: int = 64) -> list[tuple[str, dict | None]]:
+    """Automorphisms of one MI250 box's xGMI mesh (the generator's link table, matched with
+    exact capacities), applied to every box alike; the IB switch stays put."""
+    box = [n for n in G if str(n).startswith("box0/") and G.nodes[n].get("kind") == "gpu"]
+    H = nx.Graph()
+    H.add_nodes_from(box)
+    H.add_edges_from((u, v, {"c": exact(c)}) for u, v, c in G.subgraph(box).edges(data="capacity"))
+    matcher = nx.algorithms.isomorphism.GraphMatcher(H, H, edge_match=lambda a, b: a["c"] == b["c"])
+    out = []
+    for i, m in enumerate(itertools.islice(matcher.isomorphisms_iter(), limit)):
+        local = {n.split("/", 1)[1]: m[n].split("/", 1)[1] for n in box}
+        if all(a == b for a, b in local.items()):
+            continue
+
+        def fn(n: str, local=local) -> str:
+            b = _box_of(n)
+            return f"box{b[0]}/{local[b[1]]}" if b and b[1] in local else n
+
+        out.append((f"xGMI mesh automorphism {i}", _relabel(G, fn)))
+    return out
+
+
 def _candidates(G: nx.DiGraph) -> list[tuple[str, dict | None]]:
     gen = G.graph.get("generator")
-    if gen in ("dgx-a100", "dgx-h100", "mi250"):
-        return _box_candidates(G, None)[: 2 if gen != "mi250" else 1]
-    if gen == "leaf-spine":
-        return _box_candidates(G, "leaf")
-    if gen == "rail-optimized":
+    if gen in ("dgx-a100", "dgx-h100"):
+        return _box_candidates(G, None)[:2]
+    if gen == "mi250":
+        return _box_candidates(G, None)[:1] + _mesh_candidates(G)
+    if gen in ("leaf-spine", "rail-optimized"):  # boxes grouped by leaf / rail group
         return _box_candidates(G, "leaf")
     if gen in ("ring", "direct-connect"):
         n = len(G)
@@ -290,10 +313,16 @@ def automorphisms(G: nx.DiGraph) -> Symmetry | None:
     chosen: list[tuple] = []
     names: list[str] = []
     group: list[tuple] = [tuple(range(len(nodes)))]
-    for name, p in _candidates(G):
+    try:
+        candidates = _candidates(G)
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError):
+        candidates = []  # a graph that only claims to come from a generator
+    for name, p in candidates:
         if p is None or all(p[n] == n for n in nodes) or not is_automorphism(G, p):
             continue
         perm = tuple(pos[p[n]] for n in nodes)
+        if perm in group:  # already generated
+            continue
         trial = _closure([*chosen, perm], len(Vc))
         if trial is None:
             continue
@@ -476,24 +505,37 @@ class _SymmetricPacker(_Packing):
         trees.sort(key=lambda b: self.idx[b.root])
         return trees
 
-    def _arrays(self, i: int, x: int, y: int, mu: int):
-        """The global-source network of the state after adding (x, y) to μ copies of object i
-        (and all its images); the structure is the same for every μ."""
+    def _arrays(self, i: int, x: int, y: int, mu: int, whole: bool):
+        """The global-source network after adding (x, y) to μ copies of object i and all its
+        images. With `whole` (μ = C_i) the object simply grows; otherwise a temporary object
+        holds the μ moved copies (σ → t_γ of capacity μ, t_γ → γ(V_i ∪ {y})). Returns the node
+        count, the arc arrays, and the positions of the image arcs γ(x, y), of the arcs σ → s_γ
+        of object i and of the arcs σ → t_γ (None when `whole`)."""
         N, g, P = self.N, self.g, self.P
         sigma = N
         caps = self.capv.copy()
-        img = [self.arc_pos[int(a), int(b)] for a, b in zip(P[:, x], P[:, y], strict=True)]
+        img = np.array(
+            [self.arc_pos[int(a), int(b)] for a, b in zip(P[:, x], P[:, y], strict=True)]
+        )
         np.subtract.at(caps, img, mu)
         tails, heads, cs = [self.tD], [self.hD], [caps]
+        offset = len(caps)
         node = N + 1
-        for j in [*self.alive, -1]:  # -1: the temporary object of the μ moved copies
+        own = temp = None
+        for j in [*self.alive, *([] if whole else [-1])]:  # -1: the temporary object
             if j == -1:
                 V, C = [*self.objs[i].V, y], mu
             else:
                 o = self.objs[j]
                 V, C = o.V, (o.C - mu if j == i else o.C)
+                if j == i and whole:
+                    V, C = [*o.V, y], o.C
             s_nodes = node + np.arange(g)
             node += g
+            if j == i:
+                own = offset + np.arange(g)
+            elif j == -1:
+                temp = offset + np.arange(g)
             tails.append(np.full(g, sigma))
             heads.append(s_nodes)
             cs.append(np.full(g, C))
@@ -501,16 +543,31 @@ class _SymmetricPacker(_Packing):
             tails.append(np.repeat(s_nodes, len(V)))
             heads.append(imgs.ravel())
             cs.append(np.full(imgs.size, self.BIG))
-        return node, np.concatenate(tails), np.concatenate(heads), np.concatenate(cs)
+            offset += g + imgs.size
+        return (
+            node,
+            np.concatenate(tails),
+            np.concatenate(heads),
+            np.concatenate(cs),
+            img,
+            own,
+            temp,
+        )
 
     def _probe(self, i: int, x: int, y: int) -> int:
-        """The largest μ ≤ min(C_i, c(x, y)) whose symmetric step keeps the state completable."""
+        """The largest μ ≤ min(C_i, c(x, y)) whose symmetric step keeps the state completable.
+
+        Dinkelbach on μ: a failing sink's min cut A has value f now and f + μ·slope before the
+        step, where slope counts the image arcs γ(x, y) leaving A, plus σ → s_γ arcs that
+        cross A, minus σ → t_γ arcs that cross it; the next try is ⌊(f + μ·slope − T)/slope⌋.
+        """
         o = self.objs[i]
         T = self.g * sum(self.objs[j].C for j in self.alive)
-        mu = min(o.C, self.cap[x, y] // 1)
+        mu = min(o.C, self.cap[x, y])
         sigma = self.N
         while mu > 0:
-            n, t, h, c = self._arrays(i, x, y, mu)
+            whole = mu == o.C
+            n, t, h, c, img, own, temp = self._arrays(i, x, y, mu, whole)
             net = IntNetwork(n, t, h, c)
             side = None
             for s_i, v in enumerate(self.sinks):
@@ -522,12 +579,11 @@ class _SymmetricPacker(_Packing):
                     break
             if side is None:
                 return mu
-            _, _, _, c0 = self._arrays(i, x, y, 0)
-            crossing = side[t] & ~side[h]
-            dM, d0 = int(c[crossing].sum()), int(c0[crossing].sum())
-            slope = (d0 - dM) // mu
-            new = (d0 - T) // slope if slope > 0 else 0
-            assert 0 <= new < mu
+            slope = int((side[t[img]] & ~side[h[img]]).sum())
+            if not whole:  # the moved copies: σ → s_γ lost μ, σ → t_γ gained μ
+                slope += int((~side[h[own]]).sum()) - int((~side[h[temp]]).sum())
+            new = (f + mu * slope - T) // slope if slope > 0 else 0
+            assert 0 <= new < mu, (mu, new, slope)
             mu = new
         return 0
 
