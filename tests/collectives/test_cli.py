@@ -2,21 +2,12 @@ import json
 
 import pytest
 
-from datahall.cli import main
 from datahall.collectives.msccl import lint_msccl_xml
 
 
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        main([*args])
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exc.value.code or 0, out, err
-
-
-def test_bound_reference_values(capsys):
-    code, out, _ = run(
-        capsys, "collectives", "bound", "-t", "dgx-a100", "-b", "2", "--fixed-k", "1", "--json"
+def test_bound_reference_values(cli):
+    code, out, _ = cli(
+        "collectives", "bound", "-t", "dgx-a100", "-b", "2", "--fixed-k", "1", "--json"
     )
     data = json.loads(out)
     assert code == 0
@@ -26,17 +17,16 @@ def test_bound_reference_values(capsys):
     assert data["cut_compute_nodes"] == 15 and data["cut_exit_GBps"] == 325
 
 
-def test_allreduce_bound_is_half(capsys):
-    code, out, _ = run(
-        capsys, "collectives", "bound", "-t", "dgx-a100", "-b", "2", "-c", "allreduce", "--json"
+def test_allreduce_bound_is_half(cli):
+    code, out, _ = cli(
+        "collectives", "bound", "-t", "dgx-a100", "-b", "2", "-c", "allreduce", "--json"
     )
     assert json.loads(out)["algbw_GBps"] == pytest.approx(520 / 3)
 
 
-def test_plan_exports_msccl_that_lints_clean(capsys, tmp_path):
+def test_plan_exports_msccl_that_lints_clean(cli, tmp_path):
     xml = tmp_path / "ag.xml"
-    code, out, _ = run(
-        capsys,
+    code, out, _ = cli(
         "collectives",
         "plan",
         "-t",
@@ -52,14 +42,13 @@ def test_plan_exports_msccl_that_lints_clean(capsys, tmp_path):
     summary = json.loads(out)
     assert code == 0 and summary["optimal"] and summary["k"] == 1
     assert [f for f in lint_msccl_xml(xml) if f.severity == "error"] == []
-    code, out, _ = run(capsys, "collectives", "lint", str(xml))
+    code, out, _ = cli("collectives", "lint", str(xml))
     assert code == 0 and "no problems found" in " ".join(out.split())
 
 
-def test_plan_json_and_fail_link(capsys, tmp_path):
+def test_plan_json_and_fail_link(cli, tmp_path):
     out_file = tmp_path / "s.json"
-    code, out, _ = run(
-        capsys,
+    code, out, _ = cli(
         "collectives",
         "plan",
         "-t",
@@ -79,24 +68,24 @@ def test_plan_json_and_fail_link(capsys, tmp_path):
     assert json.loads(out_file.read_text())["collective"] == "allgather"
 
 
-def test_simulate_and_compare(capsys, tmp_path):
-    code, out, _ = run(
-        capsys, "collectives", "simulate", "-t", "dgx-a100", "-b", "1", "--size", "64MiB", "--json"
+def test_simulate_and_compare(cli, tmp_path):
+    code, out, _ = cli(
+        "collectives", "simulate", "-t", "dgx-a100", "-b", "1", "--size", "64MiB", "--json"
     )
     data = json.loads(out)
     assert code == 0 and 0.9 < data["fraction_of_optimal"] <= 1.0
     png = tmp_path / "c.png"
-    code, out, _ = run(
-        capsys, "collectives", "compare", "-t", "ring", "-p", "n=4", "-o", str(png), "--json"
+    code, out, _ = cli(
+        "collectives", "compare", "-t", "ring", "-p", "n=4", "-o", str(png), "--json"
     )
     data = json.loads(out)
     assert code == 0 and png.exists() and "forestcoll" in data["algbw_GBps"]
     assert len(data["sizes"]) == 24 and data["sizes"][0] == 1024 and data["sizes"][-1] == 2**33
 
 
-def test_draw_writes_png(capsys, tmp_path):
+def test_draw_writes_png(cli, tmp_path):
     png = tmp_path / "t.png"
-    code, _, _ = run(capsys, "collectives", "draw", "-t", "dgx-a100", "-b", "2", "-o", str(png))
+    code, _, _ = cli("collectives", "draw", "-t", "dgx-a100", "-b", "2", "-o", str(png))
     assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -110,12 +99,12 @@ def test_draw_writes_png(capsys, tmp_path):
         (["bound", "-t", "ring", "-p", "capacity=-5"], "capacity"),
     ],
 )
-def test_bad_input(capsys, args, message):
-    code, _, err = run(capsys, "collectives", *args)
+def test_bad_input(cli, args, message):
+    code, _, err = cli("collectives", *args)
     assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_disconnected_fabric_and_non_msccl_xml(capsys, tmp_path):
+def test_disconnected_fabric_and_non_msccl_xml(cli, tmp_path):
     topo = tmp_path / "split.json"
     topo.write_text(
         json.dumps(
@@ -128,9 +117,9 @@ def test_disconnected_fabric_and_non_msccl_xml(capsys, tmp_path):
             }
         )
     )
-    code, _, err = run(capsys, "collectives", "bound", "-f", str(topo))
+    code, _, err = cli("collectives", "bound", "-f", str(topo))
     assert code == 2 and "unreachable" in err
     bad = tmp_path / "x.xml"
     bad.write_text("<html><body/></html>")
-    code, _, err = run(capsys, "collectives", "lint", str(bad))
+    code, _, err = cli("collectives", "lint", str(bad))
     assert code == 2 and "MSCCL" in err

@@ -10,16 +10,8 @@ from datahall.core.topologies import build
 from datahall.core.topology import save
 
 
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        main([*args])
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exc.value.code or 0, out, err
-
-
-def test_systems_lists_all_thirteen(capsys):
-    code, out, _ = run(capsys, "systems", "--json")
+def test_systems_lists_all_thirteen(cli):
+    code, out, _ = cli("systems", "--json")
     rows = json.loads(out)
     assert code == 0 and len(rows) == 13
     assert {r["title"] for r in rows} >= {"ForestColl", "DroidSpeak", "AVA", "Eywa", "HEDGE"}
@@ -28,8 +20,8 @@ def test_systems_lists_all_thirteen(capsys):
         assert (r["command"] == "") == (r["status"] == "planned")
 
 
-def test_topology_show_dgx_a100_two_boxes(capsys):
-    code, out, _ = run(capsys, "topology", "show", "dgx-a100", "--boxes", "2", "--json")
+def test_topology_show_dgx_a100_two_boxes(cli):
+    code, out, _ = cli("topology", "show", "dgx-a100", "--boxes", "2", "--json")
     info = json.loads(out)
     s = info["summary"]
     assert code == 0
@@ -39,21 +31,21 @@ def test_topology_show_dgx_a100_two_boxes(capsys):
     gpu0 = next(n for n in info["nodes"] if n["id"] == "box0/gpu0")
     assert gpu0["egress_GBps"] == 325 and gpu0["kind"] == "gpu"
     assert len(info["links"]) == 48
-    code, out, _ = run(capsys, "topology", "show", "dgx-a100", "--boxes", "2")
+    code, out, _ = cli("topology", "show", "dgx-a100", "--boxes", "2")
     assert "65/3" in out and "box1/nic7" in out
 
 
-def test_topology_list_and_files(capsys, tmp_path):
-    code, out, _ = run(capsys, "topology", "list", "--json")
+def test_topology_list_and_files(cli, tmp_path):
+    code, out, _ = cli("topology", "list", "--json")
     assert code == 0 and "mi250" in {g["name"] for g in json.loads(out)}
     path = save(build("mi250"), tmp_path / "mi.yaml")
-    code, out, _ = run(capsys, "topology", "show", str(path), "--json")
+    code, out, _ = cli("topology", "show", str(path), "--json")
     assert code == 0 and json.loads(out)["summary"]["compute_nodes"] == 16
 
 
-def test_topology_draw_writes_a_png(capsys, tmp_path):
+def test_topology_draw_writes_a_png(cli, tmp_path):
     png = tmp_path / "a.png"
-    code, out, _ = run(capsys, "topology", "draw", "dgx-a100", "-b", "2", "-o", str(png))
+    code, out, _ = cli("topology", "draw", "dgx-a100", "-b", "2", "-o", str(png))
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -67,14 +59,14 @@ def test_topology_draw_writes_a_png(capsys, tmp_path):
         (["tour", "--only", "nosuch"], "unknown system 'nosuch'"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(capsys, args, message):
-    code, out, err = run(capsys, *args)
+def test_bad_input_is_one_line_exit_2(cli, args, message):
+    code, out, err = cli(*args)
     assert code == 2
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
 
-def test_bad_files(capsys, tmp_path):
+def test_bad_files(cli, tmp_path):
     neg = tmp_path / "neg.json"
     neg.write_text(
         json.dumps(
@@ -84,20 +76,20 @@ def test_bad_files(capsys, tmp_path):
             }
         )
     )
-    code, _, err = run(capsys, "topology", "show", str(neg))
+    code, _, err = cli("topology", "show", str(neg))
     assert code == 2 and "capacity must be > 0" in err
     broken = tmp_path / "broken.json"
     broken.write_text("{nodes: ")
-    code, _, err = run(capsys, "topology", "show", str(broken))
+    code, _, err = cli("topology", "show", str(broken))
     assert code == 2 and "not valid JSON" in err
 
 
-def test_debug_shows_the_traceback(capsys):
+def test_debug_shows_the_traceback(cli):
     with pytest.raises(ValueError, match="unknown topology"):
         main(["--debug", "topology", "show", "dgx-z"])
 
 
-def test_tour_runs_ready_demos_and_writes_the_report(capsys, tmp_path, monkeypatch):
+def test_tour_runs_ready_demos_and_writes_the_report(cli, tmp_path, monkeypatch):
     (tmp_path / "fake_demo.py").write_text(
         textwrap.dedent("""
         from datahall.core.report import DemoResult, new_figure, save_figure
@@ -114,7 +106,7 @@ def test_tour_runs_ready_demos_and_writes_the_report(capsys, tmp_path, monkeypat
     monkeypatch.syspath_prepend(str(tmp_path))
     fake = systems.System("fake", "Fake", "fake", "x", "none", "ready", None, "fake_demo:run")
     monkeypatch.setattr(systems, "ready", lambda: [fake])
-    code, out, _ = run(capsys, "tour", "--out", str(tmp_path / "r"))
+    code, out, _ = cli("tour", "--out", str(tmp_path / "r"))
     assert code == 0 and "3.00x" in out
     html = (tmp_path / "r" / "index.html").read_text()
     assert "data:image/png;base64," in html and "a made-up run" in html
