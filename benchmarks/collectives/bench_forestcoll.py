@@ -76,19 +76,29 @@ def pipeline_goals() -> list[Goal]:
     return goals
 
 
-def bound_goal() -> tuple[Goal, dict]:
-    G = leaf_spine(boxes=128, boxes_per_leaf=4, spines=8)
-    start = time.perf_counter()
-    b = optimal_bound(G, "allgather")
-    ours = time.perf_counter() - start
-    start = time.perf_counter()
-    x = binary_search_bound(G, "allgather")
-    theirs = time.perf_counter() - start
-    assert x == b.x_star, "Dinkelbach and binary search disagree"
-    return (
-        Goal("bound, 1,024 GPUs on a leaf-spine", "< 60 s", ours, "s", ours < 60, baseline=theirs),
-        {"x_star": str(b.x_star), "algbw_GBps": float(b.algbw)},
-    )
+def bound_goal() -> tuple[list[Goal], dict]:
+    """Our Dinkelbach bound at 1,024 GPUs; the reference binary search as the same-run baseline
+    at 256 GPUs (at 1,024 its probes overflow int32 and fall back to networkx: hours)."""
+    goals, data = [], {}
+    for boxes, with_baseline in [(128, False), (32, True)]:
+        G = leaf_spine(boxes=boxes, boxes_per_leaf=4, spines=8)
+        ours, b = best_time(lambda G=G: optimal_bound(G, "allgather"), repeat=1)
+        theirs = None
+        if with_baseline:
+            theirs, x = best_time(lambda G=G: binary_search_bound(G, "allgather"), repeat=1)
+            assert x == b.x_star, "Dinkelbach and binary search disagree"
+        goals.append(
+            Goal(
+                f"bound, {8 * boxes} GPUs on a leaf-spine",
+                "< 60 s",
+                ours,
+                "s",
+                ours < 60,
+                baseline=theirs,
+            )
+        )
+        data[8 * boxes] = {"x_star": str(b.x_star), "algbw_GBps": float(b.algbw)}
+    return goals, data
 
 
 def scaling() -> tuple[Goal, dict]:
@@ -127,8 +137,8 @@ def scaling() -> tuple[Goal, dict]:
 
 def main() -> None:
     goals = simulated_goal() + pipeline_goals()
-    g, bound_data = bound_goal()
-    goals.append(g)
+    gs, bound_data = bound_goal()
+    goals += gs
     g, rows = scaling()
     goals.append(g)
     report("collectives", "forestcoll", goals, {"bound_1024": bound_data, "scaling": rows})
