@@ -54,7 +54,7 @@ def report(system: str, name: str, goals: list[Goal], data: dict[str, Any] | Non
                 g.target,
                 f"{g.measured:.4g} {g.unit}",
                 "" if g.baseline is None else f"{g.baseline:.4g} {g.unit}",
-                "" if g.ratio is None else f"{g.ratio:.1f}x",
+                "" if g.ratio is None else f"{g.ratio:.3g}x",
                 "yes" if g.met else "NO",
             ]
             for g in goals

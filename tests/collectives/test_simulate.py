@@ -7,6 +7,7 @@ import pytest
 
 from datahall.collectives.baselines import blink, nccl_double_binary_tree, nccl_ring, one_shot
 from datahall.collectives.evaluate import asymptotic_algbw, chunk_limit, chunking, evaluate
+from datahall.collectives.plan import plan
 from datahall.collectives.schedule import Phase, Schedule, Tree, TreeArc
 from datahall.collectives.simulate import simulate
 from datahall.core.topologies import dgx_a100, ring
@@ -143,10 +144,25 @@ def test_flow_control_keeps_a_pipelined_allreduce_interleaved():
     G = dgx_a100(boxes=2)
     s = nccl_double_binary_tree(G)
     bound = 1200 / 7
-    with_credits = simulate(s, G, 2**28, max_chunks=64)
-    without = simulate(s, G, 2**28, max_chunks=64, window=None)
+    with_credits = simulate(s, G, 2**28, max_chunks=64, link="fifo")
+    without = simulate(s, G, 2**28, max_chunks=64, window=None, link="fifo")
     assert with_credits.algbw == pytest.approx(bound, rel=0.02)
     assert without.algbw < 0.85 * bound
+    # deadlines interleave the two phases on their own: EDF links need no credits
+    edf = simulate(s, G, 2**28, max_chunks=64, window=None)
+    assert edf.algbw == pytest.approx(bound, rel=0.03)
+
+
+def test_deadlines_keep_every_tree_at_its_share():
+    # ForestColl's allgather on 2x DGX A100 (bound 1040/3 GB/s): EDF links land the last
+    # chunks of the deep trees with the rest; FIFO links and processor sharing let some
+    # trees run ahead and leave the others' tails for the end
+    G = dgx_a100(boxes=2)
+    s = plan(G, "allgather")
+    bound = 1040 / 3
+    runs = {link: simulate(s, G, 2**28, link=link).algbw for link in ("edf", "fifo", "ps")}
+    assert runs["edf"] > 1.04 * max(runs["fifo"], runs["ps"])
+    assert 0.96 * bound < runs["edf"] < bound
 
 
 def test_runs_are_deterministic_and_report_costs():
@@ -161,7 +177,7 @@ def test_runs_are_deterministic_and_report_costs():
 def test_bad_arguments():
     G = ring(4)
     s = nccl_ring(G, rings=1)
-    with pytest.raises(ValueError, match="link must be"):
+    with pytest.raises(ValueError, match="link must be one of edf, fifo, ps"):
         simulate(s, G, 100, link="wormhole")
     with pytest.raises(ValueError, match="message size"):
         simulate(s, G, -1)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datahall.core.sim import Event, FifoLink, ProcessorSharingLink, Simulator
+from datahall.core.sim import Event, FifoLink, PriorityLink, ProcessorSharingLink, Simulator
 
 
 def test_equal_times_run_in_scheduling_order():
@@ -114,7 +114,47 @@ def test_fifo_transmit_event_returns_size():
     assert ev.value == 1e6 and sim.now == pytest.approx(1e-3 + 1e-6, rel=1e-12)
 
 
-@pytest.mark.parametrize("cls", [FifoLink, ProcessorSharingLink])
+def test_priority_link_serves_smallest_priority_next():
+    # bandwidth 4, latency 0.5: a (8, prio 3) starts at once, 0..2; b (4, prio 2) and
+    # c (2, prio 1) queue behind it and c overtakes b: c 2..2.5, b 2.5..3.5; d (4, prio 0)
+    # comes at t=3 while b is on the wire (no preemption): 3.5..4.5; e ties d's priority
+    # and arrived later: 4.5..5.5.
+    arrivals = {}
+    sim = Simulator()
+    link = PriorityLink(sim, bandwidth=4.0, latency=0.5)
+    for name, size, at, prio in [
+        ("a", 8, 0, 3),
+        ("b", 4, 0, 2),
+        ("c", 2, 0, 1),
+        ("d", 4, 3, 0),
+        ("e", 4, 3.2, 0),
+    ]:
+        sim.schedule(
+            at,
+            lambda n=name, s=size, p=prio: link.send(
+                s, lambda n=n: arrivals.__setitem__(n, sim.now), priority=p
+            ),
+        )
+    sim.run()
+    assert arrivals == {"a": 2.5, "c": 3.0, "b": 4.0, "d": 5.0, "e": 6.0}
+    assert link.bytes_sent == 22 and link.busy_time == 5.5
+
+
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(-5, 5)), min_size=1, max_size=12))
+def test_priority_link_is_work_conserving_and_ordered(jobs):
+    # all queued at t=0: the first sent goes at once, the rest by (priority, arrival)
+    sim = Simulator()
+    link = PriorityLink(sim, bandwidth=2.0)
+    done = []
+    for i, (size, prio) in enumerate(jobs):
+        link.send(size, lambda i=i: done.append((i, sim.now)), priority=prio)
+    sim.run()
+    rest = sorted(range(1, len(jobs)), key=lambda i: (jobs[i][1], i))
+    assert [i for i, _ in done] == [0, *rest]
+    assert sim.now == pytest.approx(sum(size for size, _ in jobs) / 2.0)
+
+
+@pytest.mark.parametrize("cls", [FifoLink, PriorityLink, ProcessorSharingLink])
 def test_links_reject_bad_parameters(cls):
     with pytest.raises(ValueError, match="bandwidth"):
         cls(Simulator(), 0)

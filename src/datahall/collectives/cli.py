@@ -23,7 +23,7 @@ from .msccl import lint_msccl_xml, to_msccl_xml
 from .mscclpp import to_mscclpp_json
 from .plan import achieved_algbw, degrade, plan
 from .schedule import COLLECTIVES, Schedule
-from .simulate import simulate
+from .simulate import LINKS, simulate
 
 app = typer.Typer(
     help="ForestColl: throughput-optimal collective schedules for any GPU fabric.",
@@ -219,15 +219,20 @@ def simulate_cmd(
         str,
         typer.Option("--algorithm", "-a", help=f"forestcoll or a baseline: {', '.join(BASELINES)}"),
     ] = "forestcoll",
-    link: Annotated[str, typer.Option("--link", help="fifo or ps (processor sharing)")] = "fifo",
+    link: Annotated[
+        str,
+        typer.Option(
+            "--link", help="edf (earliest deadline first), fifo or ps (processor sharing)"
+        ),
+    ] = "edf",
     as_json: Json = False,
 ) -> None:
     """Simulate one collective chunk by chunk (alpha-beta links, store-and-forward switches)."""
     G = _fabric(topology, topology_file, boxes, param, fail_link)
     coll = _collective(collective)
     M = float(parse_bytes(size))
-    if link not in ("fifo", "ps"):
-        raise ValueError(f"unknown link model {link!r}; use fifo or ps")
+    if link not in LINKS:
+        raise ValueError(f"unknown link model {link!r}; use one of {', '.join(LINKS)}")
     s = _schedule(G, algorithm, coll, fixed_k, root)
     r = simulate(s, G, M, link=link)
     best = optimal_bound(G, coll, root).algbw

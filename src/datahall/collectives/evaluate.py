@@ -72,7 +72,7 @@ DEFAULT_CHUNK = 128 * 2**10
 """Default pipeline chunk: 128 KiB (NCCL's Simple protocol moves chunks of this order)."""
 DEFAULT_MAX_CHUNKS = 64
 """Chunks per tree that :func:`chunking` allows when called on its own."""
-CHUNK_BUDGET = 2**17
+CHUNK_BUDGET = 2**18
 """With ``max_chunks=None``, a schedule's trees share this many (chunk, tree arc) sends, so the
 simulation's cost is bounded whatever M and the number of trees (see :func:`chunk_limit`)."""
 
@@ -116,8 +116,8 @@ def chunking(
 
 def chunk_limit(schedule: Schedule, budget: int = CHUNK_BUDGET) -> int:
     """The per-tree chunk cap used when ``max_chunks=None``: `budget` divided by the number of
-    tree arcs in the schedule, at least 4. On 2×DGX A100 that is 68 for 8 rings' allgather,
-    34 for their allreduce and 273 for the double binary tree."""
+    tree arcs in the schedule, at least 4. On 2×DGX A100 that is 136 for 8 rings' allgather,
+    68 for their allreduce and 546 for the double binary tree or ForestColl's allgather."""
     arcs = sum(len(t.arcs) for p in schedule.phases for t in p.trees)
     return max(4, budget // max(arcs, 1))
 

@@ -43,10 +43,8 @@ from typing import TYPE_CHECKING
 
 import networkx as nx
 import numpy as np
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
-from ..core.flow import FlowNetwork
+from ..core.flow import FlowNetwork, IntFlowNetwork
 from ..core.topology import TopologyError, compute_nodes
 from ..core.units import exact
 from .bound import slot_capacities
@@ -56,72 +54,12 @@ if TYPE_CHECKING:
 
 __all__ = ["Split", "SplitError", "edge_split", "expand", "check_balance", "flow_invariant"]
 
-INT32_MAX = 2**31 - 1
 Arc = tuple[Hashable, Hashable]
 Path = tuple[Hashable, ...]
 
 
 class SplitError(RuntimeError):
     """Edge splitting could not remove a switch while keeping the flow invariant."""
-
-
-class IntNetwork:
-    """Integer capacities on a fixed arc list with many max-flow queries (scipy's Dinic).
-
-    The same engine as :class:`~datahall.core.flow.FlowNetwork`, kept mutable: arcs live at fixed
-    positions of one int32 CSR matrix (explicit zeros allowed), so :meth:`set` changes one
-    capacity in O(log deg) without recompiling. Capacities that do not fit int32 fall back to
-    FlowNetwork's networkx backend. Internal helper of the planner.
-    """
-
-    def __init__(self, n: int, tails, heads, caps):
-        self.n = n
-        caps = np.asarray(caps, dtype=np.int64)
-        m = csr_matrix((caps, (np.asarray(tails), np.asarray(heads))), shape=(n, n))
-        m.sum_duplicates()
-        m.sort_indices()
-        out = np.asarray(m.sum(axis=1)).ravel()
-        into = np.asarray(m.sum(axis=0)).ravel()
-        self.fits = max(out.max(initial=0), into.max(initial=0)) <= INT32_MAX
-        self.csr = csr_matrix(
-            (m.data.astype(np.int32 if self.fits else np.int64), m.indices, m.indptr), shape=(n, n)
-        )
-
-    def pos(self, u: int, v: int) -> int:
-        """Position of arc u→v in the CSR data (it must have been given at construction)."""
-        lo, hi = self.csr.indptr[u], self.csr.indptr[u + 1]
-        p = lo + int(np.searchsorted(self.csr.indices[lo:hi], v))
-        if p >= hi or self.csr.indices[p] != v:
-            raise KeyError((u, v))
-        return p
-
-    def set(self, u: int, v: int, c: int) -> None:
-        self.csr.data[self.pos(u, v)] = c
-
-    def maxflow(self, s: int, t: int):
-        """(flow value, the result :meth:`source_side` needs)."""
-        if not self.fits:
-            coo = self.csr.tocoo()
-            caps = {
-                (int(a), int(b)): int(c) for a, b, c in zip(coo.row, coo.col, coo.data, strict=True)
-            }
-            net = FlowNetwork(caps, range(self.n), backend="networkx")
-            f = net.maximum_flow(s, t)
-            return int(f.value), f.source_side
-        res = maximum_flow(self.csr, s, t, method="dinic")
-        return int(res.flow_value), res
-
-    def source_side(self, s: int, res) -> np.ndarray:
-        """Boolean mask of the source side of the min cut behind a :meth:`maxflow` result."""
-        mask = np.zeros(self.n, dtype=bool)
-        if isinstance(res, frozenset):  # networkx fallback
-            mask[list(res)] = True
-            return mask
-        residual = (self.csr - res.flow).tocsr()
-        residual.data[residual.data < 0] = 0
-        residual.eliminate_zeros()
-        mask[breadth_first_order(residual, s, directed=True, return_predecessors=False)] = True
-        return mask
 
 
 @dataclass
@@ -301,7 +239,7 @@ class _Splitter:
         caps = self.cv[:m].copy()
         if overrides:
             caps[list(overrides)] = list(overrides.values())
-        net = IntNetwork(
+        net = IntFlowNetwork(
             len(self.index),
             np.concatenate([self.t[:m], self.s_t]),
             np.concatenate([self.h[:m], self.s_h]),
@@ -310,10 +248,10 @@ class _Splitter:
         s = self.index[self.source]
         for i, v in enumerate(self.sinks):
             self.flows += 1
-            value, res = net.maxflow(s, self.index[v])
+            value, side = net.maximum_flow(s, self.index[v])
             if value < self.T:
                 self.sinks.insert(0, self.sinks.pop(i))  # the failing sink first next time
-                return net.source_side(s, res), value
+                return side, value
         return None
 
     # -- splitting ----------------------------------------------------------------------------

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
+from ..core.flow import IntFlowNetwork
 from ..core.topology import compute_nodes
 from ..core.units import exact
-from .split import IntNetwork
 
 __all__ = [
     "Branching",
@@ -414,7 +414,7 @@ class _PlainPacker(_Packing):
             t += [node] * N
             h += range(N)
             c += [self.BIG if v in o.Vset else 0 for v in range(N)]
-        self.net = IntNetwork(N + 1 + len(slot), t, h, c)
+        self.net = IntFlowNetwork(N + 1 + len(slot), t, h, c)
 
     def _grow(self, i: int) -> list[int]:
         """Grow object i to a spanning tree; return the objects split off it."""
@@ -430,7 +430,7 @@ class _PlainPacker(_Packing):
                 if y in o.Vset or self.cap.get((x, y), 0) == 0:
                     continue
                 self.net.set(sigma, x, self.BIG)
-                f, _ = self.net.maxflow(sigma, y)
+                f, _ = self.net.maximum_flow(sigma, y, cut=False)
                 self.net.set(sigma, x, 0)
                 self.flows += 1
                 mu = min(o.C, self.cap[x, y], f - others)
@@ -568,13 +568,13 @@ class _SymmetricPacker(_Packing):
         while mu > 0:
             whole = mu == o.C
             n, t, h, c, img, own, temp = self._arrays(i, x, y, mu, whole)
-            net = IntNetwork(n, t, h, c)
+            net = IntFlowNetwork(n, t, h, c)
             side = None
             for s_i, v in enumerate(self.sinks):
                 self.flows += 1
-                f, res = net.maxflow(sigma, v)
+                f, cut = net.maximum_flow(sigma, v)
                 if f < T:
-                    side = net.source_side(sigma, res)
+                    side = cut
                     self.sinks.insert(0, self.sinks.pop(s_i))
                     break
             if side is None:

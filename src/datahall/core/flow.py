@@ -42,6 +42,7 @@ __all__ = [
     "Flow",
     "FlowOverflowError",
     "FlowNetwork",
+    "IntFlowNetwork",
     "maximum_flow",
     "Bottleneck",
     "bottleneck_cut",
@@ -66,11 +67,94 @@ class Flow:
     source_side: frozenset[Hashable]
 
 
+class IntFlowNetwork:
+    """Max flows between node indices 0..n-1 on integer capacities that may change between
+    queries: the engine under :class:`FlowNetwork`, and what the ForestColl planner drives
+    directly (thousands of queries on one arc list, a few capacities edited in between).
+
+    Arcs live at fixed positions of one CSR matrix (zeros allowed), so :meth:`set` edits a
+    capacity in O(log degree) without recompiling. The scipy backend needs every node's total
+    in- and out-capacity, hence every flow, within int32; ``backend="auto"`` checks that at
+    construction and otherwise answers with networkx. Parallel arcs are merged. Edits through
+    :meth:`set` must keep those totals within int32 on the scipy backend.
+
+    >>> net = IntFlowNetwork(3, [0, 1, 0], [1, 2, 2], [4, 3, 1])
+    >>> net.maximum_flow(0, 2)[0]
+    4
+    >>> net.set(1, 2, 0); net.maximum_flow(0, 2)[0]
+    1
+    """
+
+    def __init__(self, n: int, tails, heads, caps, backend: Backend = "auto") -> None:
+        if backend not in ("auto", "scipy", "networkx"):
+            raise ValueError(f"unknown max-flow backend {backend!r}; use auto, scipy or networkx")
+        self.n = n
+        m = csr_matrix(
+            (
+                np.asarray(caps, dtype=np.int64),
+                (np.asarray(tails, dtype=np.int64), np.asarray(heads, dtype=np.int64)),
+            ),
+            shape=(n, n),
+        )
+        m.sum_duplicates()
+        m.sort_indices()
+        totals = (np.asarray(m.sum(axis=1)).ravel(), np.asarray(m.sum(axis=0)).ravel())
+        fits = max(t.max(initial=0) for t in totals) <= INT32_MAX
+        if backend == "scipy" and not fits:
+            raise FlowOverflowError(
+                f"node capacity totals exceed int32 (max {INT32_MAX}); "
+                "use backend='networkx' or round the capacities"
+            )
+        self.backend: Backend = "scipy" if fits and backend != "networkx" else "networkx"
+        dtype = np.int32 if self.backend == "scipy" else np.int64
+        self.csr = csr_matrix((m.data.astype(dtype), m.indices, m.indptr), shape=(n, n))
+        self._nx: nx.DiGraph | None = None
+
+    def pos(self, u: int, v: int) -> int:
+        """Position of arc u→v in the CSR data (it must have been given at construction)."""
+        lo, hi = self.csr.indptr[u], self.csr.indptr[u + 1]
+        p = lo + int(np.searchsorted(self.csr.indices[lo:hi], v))
+        if p >= hi or self.csr.indices[p] != v:
+            raise KeyError((u, v))
+        return p
+
+    def set(self, u: int, v: int, c: int) -> None:
+        """Set the capacity of arc u→v (an arc given at construction)."""
+        self.csr.data[self.pos(u, v)] = c
+        self._nx = None
+
+    def maximum_flow(self, s: int, t: int, cut: bool = True) -> tuple[int, np.ndarray | None]:
+        """The maximum s→t flow and, if `cut`, a boolean mask of a min cut's source side."""
+        if self.backend == "networkx":
+            if self._nx is None:
+                coo = self.csr.tocoo()
+                self._nx = nx.DiGraph()
+                self._nx.add_nodes_from(range(self.n))
+                self._nx.add_weighted_edges_from(
+                    zip(coo.row.tolist(), coo.col.tolist(), coo.data.tolist(), strict=True),
+                    weight="capacity",
+                )
+            value, (side, _) = nx.minimum_cut(self._nx, s, t)
+            mask = np.zeros(self.n, dtype=bool)
+            mask[list(side)] = True
+            return int(value), mask if cut else None
+        res = _scipy_maximum_flow(self.csr, s, t, method="dinic")
+        if not cut:
+            return int(res.flow_value), None
+        residual = (self.csr - res.flow).tocsr()
+        residual.data[residual.data < 0] = 0
+        residual.eliminate_zeros()
+        mask = np.zeros(self.n, dtype=bool)
+        mask[breadth_first_order(residual, s, directed=True, return_predecessors=False)] = True
+        return int(res.flow_value), mask
+
+
 class FlowNetwork:
     """A capacitated digraph compiled once for many max-flow queries between different nodes.
 
     `capacities` maps arcs (u, v) to non-negative numbers (converted with
-    :func:`~datahall.core.units.exact`). Arcs of capacity 0 are dropped.
+    :func:`~datahall.core.units.exact`), scaled to integers by the lcm of their denominators
+    and handed to an :class:`IntFlowNetwork`. Arcs of capacity 0 are dropped.
 
     >>> net = FlowNetwork({("s", "a"): 2, ("a", "t"): 1, ("s", "t"): Fraction(1, 3)})
     >>> net.maximum_flow("s", "t").value
@@ -94,40 +178,14 @@ class FlowNetwork:
         )
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.scale = math.lcm(*(c.denominator for c in exact_caps.values())) if exact_caps else 1
-        self.int_caps = {a: int(c * self.scale) for a, c in exact_caps.items() if c > 0}
-        self._csr: csr_matrix | None = None
-        fits = backend != "networkx" and self._fits_int32()
-        if backend == "scipy" and not fits:
-            raise FlowOverflowError(
-                f"capacities scaled by {self.scale} exceed int32 (max {INT32_MAX}); "
-                "use backend='networkx' or round the capacities"
-            )
-        self.backend: Backend = "scipy" if fits else "networkx"
-        if fits:
-            self._csr = self._compile()
-        else:
-            self._nx = nx.DiGraph()
-            self._nx.add_nodes_from(self.nodes)
-            self._nx.add_edges_from((u, v, {"capacity": c}) for (u, v), c in self.int_caps.items())
-
-    def _fits_int32(self) -> bool:
-        out: dict[Hashable, int] = {}
-        into: dict[Hashable, int] = {}
-        for (u, v), c in self.int_caps.items():
-            out[u] = out.get(u, 0) + c
-            into[v] = into.get(v, 0) + c
-        # Flow values are int32 too: bound them by every node's total out- and in-capacity.
-        return max([0, *out.values(), *into.values()]) <= INT32_MAX
-
-    def _compile(self) -> csr_matrix:
-        n = len(self.nodes)
-        if not self.int_caps:
-            return csr_matrix((n, n), dtype=np.int32)
-        rows, cols, data = zip(
-            *((self.index[u], self.index[v], c) for (u, v), c in self.int_caps.items()),
-            strict=True,
-        )
-        return csr_matrix((np.array(data, dtype=np.int32), (rows, cols)), shape=(n, n))
+        arcs = [
+            (self.index[u], self.index[v], int(c * self.scale))
+            for (u, v), c in exact_caps.items()
+            if c > 0
+        ]
+        tails, heads, caps = zip(*arcs, strict=True) if arcs else ((), (), ())
+        self._net = IntFlowNetwork(len(self.nodes), tails, heads, caps, backend)
+        self.backend = self._net.backend
 
     def maximum_flow(self, s: Hashable, t: Hashable, cut: bool = True) -> Flow:
         """The maximum s→t flow and the source side of a minimum cut (empty if not `cut`)."""
@@ -136,26 +194,11 @@ class FlowNetwork:
                 raise KeyError(f"node {x!r} is not in the flow network")
         if s == t:
             raise ValueError("source and sink must differ")
-        if self.backend == "scipy":
-            value, side = self._scipy(s, t, cut)
-        else:
-            value, side = self._networkx(s, t)
-        return Flow(Fraction(value, self.scale), frozenset(side))
-
-    def _scipy(self, s: Hashable, t: Hashable, cut: bool) -> tuple[int, set[Hashable]]:
-        si, ti = self.index[s], self.index[t]
-        res = _scipy_maximum_flow(self._csr, si, ti, method="dinic")
-        if not cut:
-            return int(res.flow_value), set()
-        residual = (self._csr - res.flow).tocsr()
-        residual.data[residual.data < 0] = 0
-        residual.eliminate_zeros()
-        reach = breadth_first_order(residual, si, directed=True, return_predecessors=False)
-        return int(res.flow_value), {self.nodes[i] for i in reach}
-
-    def _networkx(self, s: Hashable, t: Hashable) -> tuple[int, set[Hashable]]:
-        value, (side, _) = nx.minimum_cut(self._nx, s, t)
-        return int(value), set(side)
+        value, mask = self._net.maximum_flow(self.index[s], self.index[t], cut)
+        side = (
+            frozenset() if mask is None else frozenset(self.nodes[i] for i in np.flatnonzero(mask))
+        )
+        return Flow(Fraction(value, self.scale), side)
 
 
 def _capacities(G: nx.DiGraph, capacity: str) -> dict[tuple[Hashable, Hashable], Fraction]:

@@ -9,8 +9,10 @@ Three pieces, in the style of SimPy but a fraction of its size:
   *process* is a generator that yields a delay in seconds (a number) or an event to wait for,
   and receives the event's value back. :meth:`Simulator.all_of` waits for several events.
 - Links: :class:`FifoLink` (transmissions serialise; one of `size` bytes that starts at t
-  arrives at t + size/bandwidth + latency) and :class:`ProcessorSharingLink` (transfers in
-  progress share the bandwidth equally; rates change whenever one starts or ends).
+  arrives at t + size/bandwidth + latency), :class:`PriorityLink` (transmissions serialise,
+  the waiting one with the smallest priority goes next) and :class:`ProcessorSharingLink`
+  (transfers in progress share the bandwidth equally; rates change whenever one starts or
+  ends).
 
 Units are the caller's: datahall uses seconds, bytes and bytes per second.
 
@@ -43,6 +45,7 @@ __all__ = [
     "Event",
     "Process",
     "FifoLink",
+    "PriorityLink",
     "ProcessorSharingLink",
 ]
 
@@ -295,10 +298,11 @@ class FifoLink:
         callback: Callable[..., Any],
         *args: Any,
         flow: Hashable | None = None,
+        priority: float = 0.0,
     ) -> float:
         """Queue `size` bytes; ``callback(*args)`` runs on arrival, whose time is returned.
-        `flow` is accepted for symmetry with :class:`ProcessorSharingLink` (a FIFO link
-        serialises every transmission anyway)."""
+        `flow` and `priority` are accepted so the three links are interchangeable (a FIFO
+        link serves every transmission in arrival order anyway)."""
         sim = self.sim
         start = self.free_at if self.free_at > sim.now else sim.now
         duration = size / self.bandwidth
@@ -314,6 +318,78 @@ class FifoLink:
         ev = Event(self.sim)
         self.send(size, ev.succeed, size)
         return ev
+
+
+class PriorityLink:
+    """A link that sends one transmission at a time, the waiting one with the smallest
+    `priority` first (ties in arrival order); a transmission on the wire is never preempted.
+
+    With deadlines as priorities this is earliest-deadline-first, the order that lets several
+    pipelines share a link each at its planned rate (a FIFO link serves whoever queued first).
+
+    >>> sim = Simulator()
+    >>> link = PriorityLink(sim, bandwidth=1.0)
+    >>> order = []
+    >>> for name, prio in (("a", 5), ("b", 9), ("c", 1)):
+    ...     link.send(2, order.append, name, priority=prio)
+    >>> sim.run(), order                # a is on the wire when b and c queue; c overtakes b
+    (6.0, ['a', 'c', 'b'])
+    """
+
+    __slots__ = (
+        "sim",
+        "bandwidth",
+        "latency",
+        "bytes_sent",
+        "busy_time",
+        "_queue",
+        "_busy",
+        "_seq",
+    )
+
+    def __init__(self, sim: Simulator, bandwidth: float, latency: float = 0.0) -> None:
+        _check_link(bandwidth, latency)
+        self.sim = sim
+        self.bandwidth = float(bandwidth)
+        self.latency = float(latency)
+        self.bytes_sent = 0.0
+        self.busy_time = 0.0
+        self._queue: list[tuple] = []  # heap of (priority, seq, size, callback, args)
+        self._busy = False
+        self._seq = itertools.count()
+
+    def send(
+        self,
+        size: float,
+        callback: Callable[..., Any],
+        *args: Any,
+        flow: Hashable | None = None,
+        priority: float = 0.0,
+    ) -> None:
+        """Queue `size` bytes at `priority`; ``callback(*args)`` runs on arrival. `flow` is
+        accepted so the links are interchangeable."""
+        heapq.heappush(self._queue, (priority, next(self._seq), size, callback, args))
+        if not self._busy:
+            self._next()
+
+    def transmit(self, size: float, priority: float = 0.0) -> Event:
+        """Queue `size` bytes; the returned event succeeds with `size` on arrival."""
+        ev = Event(self.sim)
+        self.send(size, ev.succeed, size, priority=priority)
+        return ev
+
+    def _next(self) -> None:
+        if not self._queue:
+            self._busy = False
+            return
+        _, _, size, callback, args = heapq.heappop(self._queue)
+        duration = size / self.bandwidth
+        self._busy = True
+        self.bytes_sent += size
+        self.busy_time += duration
+        sim = self.sim
+        sim._at(sim.now + duration + self.latency, callback, args)
+        sim._at(sim.now + duration, self._next)
 
 
 class ProcessorSharingLink:
@@ -394,9 +470,11 @@ class ProcessorSharingLink:
         callback: Callable[..., Any],
         *args: Any,
         flow: Hashable | None = None,
+        priority: float = 0.0,
     ) -> None:
         """Start (or, behind an earlier transfer of the same `flow`, queue) `size` bytes;
-        ``callback(*args)`` runs on arrival."""
+        ``callback(*args)`` runs on arrival. `priority` is accepted so the links are
+        interchangeable (sharing is equal)."""
         if flow is not None:
             waiting = self._flows.get(flow)
             if waiting is not None:
