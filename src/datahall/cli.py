@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from . import systems
 from .core.cli import app as topology_app
@@ -22,6 +21,7 @@ from .core.report import (
     console,
     err_console,
     print_table,
+    progress_bar,
     summary_rows,
     write_report,
 )
@@ -74,14 +74,7 @@ def tour(
                 f"{s.name} is {s.status}, not ready; `datahall systems` lists the ready ones"
             )
     results = []
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=as_json,
-    ) as progress:
+    with progress_bar(transient=as_json) as progress:
         for s in chosen:
             start = time.perf_counter()
             result = s.run_demo(out / s.name, progress)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 matplotlib.use("Agg")  # headless: figures go to files, never to a window
 
@@ -42,6 +43,20 @@ __all__ = [
 
 console = Console()
 err_console = Console(stderr=True)  # notes and errors, so that --json stdout stays parseable
+
+
+def progress_bar(transient: bool = False) -> Progress:
+    """The progress display every long command uses (spinner, text, bar, elapsed), on stderr so
+    ``--json`` output on stdout stays clean."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=transient,
+    )
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
