@@ -137,18 +137,6 @@ def test_errors_explain():
 # --- chat_prompt, with SmolLM2's real tokenizer (no model forward) --------------------------
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    from datahall.kvshare.models import cache_dir
-
-    path = cache_dir() / "models" / "smollm2-135m-instruct"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"no converted SmolLM2 checkpoint at {path}; datahall.kvshare.models builds it")
-    # The same tokenizer AutoTokenizer gives, without importing torch (seconds faster).
-    return transformers.PreTrainedTokenizerFast.from_pretrained(path)
-
-
 def test_chat_prompt_splits_the_full_prompt(tokenizer):
     for name in TASKS:
         for example in task(name).examples[:12]:

@@ -1,0 +1,63 @@
+"""The three-mode evaluation on tiny decoders with SmolLM2's real tokenizer and chat template."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from datahall.kvshare.evaluate import MODES, evaluate_pair  # noqa: E402
+from datahall.kvshare.models import Model, tiny  # noqa: E402
+from datahall.kvshare.tasks import build_task  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    vocab = len(tokenizer)
+
+    def m(name, seed):
+        return Model(name, tiny("llama", seed=seed, vocab=vocab), tokenizer, "tiny")
+
+    return m("sender", 0), m("receiver", 1)
+
+
+def tasks(tokenizer):
+    count = lambda t: len(tokenizer.encode(t, add_special_tokens=False))  # noqa: E731
+    return [
+        build_task(name, 3, context_tokens=96, count_tokens=count)
+        for name in ("definitions", "code")
+    ]
+
+
+def test_full_group_answers_exactly_like_full_prefill(models, tokenizer):
+    S, R = models
+    rep = evaluate_pair(S, R, tasks(tokenizer), (0, 4), modes=["droidspeak", "full-prefill"])
+    by = {(a.task, a.example, a.mode): a for a in rep.answers}
+    for (task, ex, _), a in by.items():
+        assert a.text == by[task, ex, "full-prefill"].text
+        assert a.agreement == 1.0
+    for task in ("definitions", "code"):
+        assert rep.summary(task, "droidspeak").score == rep.summary(task, "full-prefill").score
+    assert [s.mode for s in rep.summaries[:2]] == ["full-prefill", "droidspeak"]  # order fixed
+
+
+def test_sender_as_receiver_makes_every_mode_agree(models, tokenizer):
+    S, _ = models
+    rep = evaluate_pair(S, S, tasks(tokenizer), (1, 3))
+    assert {a.mode for a in rep.answers} == set(MODES)
+    assert all(a.agreement == 1.0 for a in rep.answers)
+    assert all(a.ttft_s > 0 for a in rep.answers)
+    assert len(rep.answers) == 3 * 6
+    json = rep.to_json()
+    assert json["group"] == (1, 3) and json["num_layers"] == 4
+
+
+def test_limit_progress_and_bad_modes(models, tokenizer):
+    S, R = models
+    seen = []
+    rep = evaluate_pair(
+        S, R, tasks(tokenizer), (0, 1), limit=1, progress=lambda d, t: seen.append((d, t))
+    )
+    assert seen == [(1, 2), (2, 2)] and len(rep.answers) == 2 * 3
+    with pytest.raises(ValueError, match="unknown mode"):
+        evaluate_pair(S, R, tasks(tokenizer), (0, 1), modes=["magic"])
+    with pytest.raises(ValueError, match="outside the model's layers"):
+        evaluate_pair(S, R, tasks(tokenizer), (0, 9))
