@@ -18,6 +18,7 @@ KV only if :func:`check_compatible` passes (same architecture fingerprint and to
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -121,13 +122,25 @@ def smollm2_checkpoint(progress=None) -> Path:
     """
     source = gguf_path()
     dest = cache_dir() / "models" / "smollm2-135m-instruct"
-    marker = dest / "datahall.json"
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("source") == _file_id(source):
-                return dest
-        except (OSError, ValueError):
-            pass
+    if _complete(dest, source):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # one converter at a time (pytest workers, two servers starting); the others wait and reuse
+    with open(dest.parent / ".smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _complete(dest, source):
+            _convert(source, dest, progress)
+    return dest
+
+
+def _complete(dest: Path, source: Path) -> bool:
+    try:
+        return json.loads((dest / "datahall.json").read_text()).get("source") == _file_id(source)
+    except (OSError, ValueError):
+        return False
+
+
+def _convert(source: Path, dest: Path, progress) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     if progress:
@@ -150,7 +163,6 @@ def smollm2_checkpoint(progress=None) -> Path:
     tokenizer.save_pretrained(tmp)
     (tmp / "datahall.json").write_text(json.dumps({"source": _file_id(source)}))
     tmp.rename(dest)
-    return dest
 
 
 def architecture(config) -> str:
