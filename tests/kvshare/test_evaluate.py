@@ -61,3 +61,10 @@ def test_limit_progress_and_bad_modes(models, tokenizer):
         evaluate_pair(S, R, tasks(tokenizer), (0, 1), modes=["magic"])
     with pytest.raises(ValueError, match="outside the model's layers"):
         evaluate_pair(S, R, tasks(tokenizer), (0, 9))
+
+
+def test_full_prefill_agrees_fully_with_itself_on_every_task(models, tokenizer):
+    # code answers span several lines; agreement reduces both sides to their first line
+    S, R = models
+    rep = evaluate_pair(S, R, tasks(tokenizer), (0, 1), modes=["full-prefill"])
+    assert all(a.agreement == 1.0 for a in rep.answers)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from .hybrid import Group, check_group, full_prefill, generate, hybrid_kv, prefill
-from .metrics import METRICS
+from .metrics import agreement
 from .models import Model, check_compatible
 from .tasks import Task, chat_prompt
 
@@ -117,11 +117,10 @@ def evaluate_pair(
                 g = generate(receiver.model, kv, suffix, task.max_new_tokens, eos=eos)
                 texts[mode] = (receiver.decode(g.ids).strip(), build_s + g.first_token_s)
             own = texts.get("full-prefill", (None,))[0]
-            metric = METRICS[task.metric]
             for mode, (text, ttft) in texts.items():
-                agreement = metric(text, own) if own is not None else float("nan")
+                agree = agreement(task.metric, text, own) if own is not None else float("nan")
                 answers.append(
-                    Answer(task.name, ex.id, mode, text, task.score(text, ex), agreement, ttft)
+                    Answer(task.name, ex.id, mode, text, task.score(text, ex), agree, ttft)
                 )
             done += 1
             if progress:

@@ -18,7 +18,15 @@ from collections import Counter
 from collections.abc import Callable
 from difflib import SequenceMatcher
 
-__all__ = ["METRICS", "Metric", "edit_similarity", "normalize_answer", "rouge_l", "token_f1"]
+__all__ = [
+    "METRICS",
+    "Metric",
+    "agreement",
+    "edit_similarity",
+    "normalize_answer",
+    "rouge_l",
+    "token_f1",
+]
 
 Metric = Callable[[str, str], float]
 
@@ -131,3 +139,15 @@ METRICS: dict[str, Metric] = {
     "edit_similarity": edit_similarity,
 }
 """The metrics by name; a :class:`~datahall.kvshare.tasks.Task` names one of these keys."""
+
+
+def agreement(metric: str, prediction: str, answer: str) -> float:
+    r"""How close `prediction` is to another model's `answer` under `metric`: the answer is
+    reduced the way a prediction is (for code, its first line), so an answer agrees fully
+    with itself.
+
+    >>> agreement("edit_similarity", "x = 1\ny = 2", "x = 1\ny = 2")
+    1.0
+    """
+    reference = _first_code_line(answer) if metric == "edit_similarity" else answer
+    return METRICS[metric](prediction, reference)

@@ -40,7 +40,7 @@ from .hybrid import (
     recompute,
     to_cache,
 )
-from .metrics import METRICS
+from .metrics import agreement
 from .models import Model, cache_dir, check_compatible
 from .tasks import Task, chat_prompt
 
@@ -327,7 +327,7 @@ def profile_pair(
                 generate(receiver.model, kv, suffix, t.max_new_tokens, eos=eos).ids
             ).strip()
             scores.setdefault(t.name, []).append(t.score(text, ex))
-            agree.setdefault(t.name, []).append(METRICS[t.metric](text, mine))
+            agree.setdefault(t.name, []).append(agreement(t.metric, text, mine))
         means = {k: statistics.fmean(v) for k, v in scores.items()}
         quality = min((means[k] / full_scores[k] if full_scores[k] else 1.0) for k in means)
         sent = sents[0]
