@@ -1,6 +1,7 @@
 """DroidSpeak goals (issue 4), each printed beside the measured figure.
 
-Per variant pair (sender: the SmolLM2 base; receivers: the packaged LoRA variants):
+Per variant pair (sender: the SmolLM2 base; receivers: the packaged LoRA variants, by default
+the band variants ``*-mid``; ``KVSHARE_PAIRS=coder,docs,dict`` runs the all-layer ones):
 
 1. Profile the pair on the tasks' profile examples and choose the cheapest group that loses
    at most 2% quality there (the profile is also stored in the package, for `--group auto`).
@@ -13,7 +14,9 @@ Per variant pair (sender: the SmolLM2 base; receivers: the packaged LoRA variant
 4. Figures: per-layer sensitivity and the Pareto frontier per pair.
 
 Environment: KVSHARE_EXAMPLES (per task, default 50), KVSHARE_CONTEXT (tokens of the quality
-contexts, default 1024), KVSHARE_PAIRS (comma-separated receivers, default coder,docs,dict).
+contexts, default 1024), KVSHARE_PAIRS (comma-separated receivers, default
+coder-mid,docs-mid,dict-mid). Results go to ``results/kvshare/droidspeak.json`` for the default
+pairs, ``droidspeak-<receivers>.json`` otherwise.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ..goals import RESULTS, Goal, report
 TTFT_TOKENS = 1024
 TTFT_CONTEXTS = 3
 MAX_LOSS = 0.02
+DEFAULT_PAIRS = "coder-mid,docs-mid,dict-mid"
 
 
 def ttft(S, R, group, contexts) -> tuple[float, float]:
@@ -95,7 +99,7 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     n = int(os.environ.get("KVSHARE_EXAMPLES", "50"))
     context = int(os.environ.get("KVSHARE_CONTEXT", "1024"))
-    receivers = os.environ.get("KVSHARE_PAIRS", "coder,docs,dict").split(",")
+    receivers = os.environ.get("KVSHARE_PAIRS", DEFAULT_PAIRS).split(",")
     S = load(BASE)
 
     def count(text: str) -> int:
@@ -200,7 +204,12 @@ def main() -> None:
                 baseline=d["ttft_full_s"],
             )
         )
-    report("kvshare", "droidspeak", goals, data)
+    name = (
+        "droidspeak"
+        if receivers == DEFAULT_PAIRS.split(",")
+        else "droidspeak-" + "-".join(receivers)
+    )
+    report("kvshare", name, goals, {"examples": n, "context": context, "pairs": data})
 
 
 if __name__ == "__main__":

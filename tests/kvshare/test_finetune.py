@@ -3,6 +3,7 @@ random Llama; float16 adapters verified by SHA-256; the packaged adapters on the
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,21 @@ def test_variants_have_the_required_fields():
         json.dumps(spec.fingerprint())
     with pytest.raises(dataclasses.FrozenInstanceError):
         VARIANTS["coder"].steps = 1
-    assert len({s.seed for s in VARIANTS.values()}) == len(VARIANTS)
+    full = [s for s in VARIANTS.values() if s.layers is None]
+    assert len({s.seed for s in full}) == len(full)
+
+
+def test_band_variants_differ_from_their_full_variant_only_in_layers():
+    bands = {name: spec for name, spec in VARIANTS.items() if spec.layers}
+    assert set(bands) == {"coder-mid", "docs-mid", "dict-mid"}
+    assert len({spec.layers for spec in bands.values()}) == 3  # the profiler must find each
+    for name, spec in bands.items():
+        full = VARIANTS[name.removesuffix("-mid")]
+        a, b = spec.layers
+        assert 0 < a < b < 30 and b - a == 6
+        assert dataclasses.replace(spec, name=full.name, description=full.description,
+                                   layers=None) == full  # fmt: skip
+        assert spec.fingerprint()["layers"] == [a, b] and "layers" not in full.fingerprint()
 
 
 @pytest.mark.parametrize("name", ["coder", "docs"])
@@ -236,11 +251,16 @@ def test_an_unknown_variant_names_the_variants():
         ft.finetune("nope")
 
 
-@pytest.mark.parametrize("name", ["coder", "docs", "dict"])
+@pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_the_packaged_adapters_are_complete_and_small(name):
+    from safetensors import safe_open
+
     marker = verify_adapter(ft.PACKAGED / name)
     assert marker["name"] == name and marker["spec"] == VARIANTS[name].fingerprint()
     assert marker["bytes"] <= 6_000_000 and marker["final_loss"] < marker["first_loss"]
+    with safe_open(ft.PACKAGED / name / ft.WEIGHTS, "pt") as f:
+        layers = {int(re.search(r"layers\.(\d+)\.", k).group(1)) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    assert layers == set(range(*(VARIANTS[name].layers or (0, 30))))
 
 
 @pytest.mark.slow

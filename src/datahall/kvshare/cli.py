@@ -66,15 +66,22 @@ def _load_pair(sender: str, receiver: str):
     return S, R
 
 
+def _check_tasks(names: list[str] | None) -> list[str] | None:
+    """`names`, after checking each is a task (before any model is loaded)."""
+    from .tasks import TASKS
+
+    for name in names or ():
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r}; use {', '.join(TASKS)}")
+    return names
+
+
 def _tasks(
     names: list[str] | None, n: int, context_tokens: int, tokenizer, part: str, seed: int = 0
 ):
     from .tasks import TASKS, build_task
 
-    chosen = names or list(TASKS)
-    for name in chosen:
-        if name not in TASKS:
-            raise ValueError(f"unknown task {name!r}; use {', '.join(TASKS)}")
+    chosen = _check_tasks(names) or list(TASKS)
 
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
@@ -250,6 +257,7 @@ def run_cmd(
     ] = None,
     group: GroupOpt = "auto",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 48,
+    out: OutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """One prompt in three modes side by side: full prefill, full reuse, DroidSpeak."""
@@ -268,7 +276,7 @@ def run_cmd(
     prefix, suffix = chat_prompt(R.tokenizer, Example("cli", context, prompt, ""))
     sent = prefill(S.model, prefix)
     eos = [R.tokenizer.eos_token_id]
-    rows, out = [], {}
+    rows, answers = [], {}
     for mode in MODES:
         start = time.perf_counter()
         kv = {
@@ -279,7 +287,7 @@ def run_cmd(
         build = time.perf_counter() - start
         gen = generate(R.model, kv, suffix, max_new_tokens, eos=eos)
         text = R.decode(gen.ids).strip()
-        out[mode] = {
+        answers[mode] = {
             "text": text,
             "ttft_s": build + gen.first_token_s,
             "recomputed_layers": {
@@ -288,15 +296,19 @@ def run_cmd(
                 "droidspeak": g[1] - g[0],
             }[mode],
         }
-        rows.append([mode, f"{out[mode]['ttft_s']:.2f} s", out[mode]["recomputed_layers"], text])
+        rows.append(
+            [mode, f"{answers[mode]['ttft_s']:.2f} s", answers[mode]["recomputed_layers"], text]
+        )
     result = {
         "sender": sender,
         "receiver": receiver,
         "group": list(g),
         "context_tokens": len(prefix),
         "transfer_bytes": sent.transfer_bytes(g),
-        "modes": out,
+        "modes": answers,
     }
+    if out:
+        write_json(out, result)
     if as_json:
         emit_json(result)
         return
@@ -305,6 +317,8 @@ def run_cmd(
         ["mode", "TTFT", "layers run", "answer"],
         rows,
     )
+    if out:
+        console.print(f"results: {out}")
 
 
 @app.command("eval")
@@ -324,6 +338,7 @@ def eval_cmd(
     """Quality and TTFT of full prefill, full reuse and DroidSpeak on the test examples."""
     from .evaluate import evaluate_pair
 
+    _check_tasks(tasks)
     S, R = _load_pair(sender, receiver)
     g = parse_group(group, R.num_layers, sender, receiver)
     chosen = _tasks(tasks, n, context_tokens, R.tokenizer, "test")

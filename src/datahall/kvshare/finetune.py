@@ -29,7 +29,9 @@ r = 8 (4.9 MB); held-out answer loss falls from the base's 3.08 / 2.25 / 1.95 to
 of 0.11–0.30 nats against its own prefill on 230–300-token eval prompts.
 
 >>> sorted(VARIANTS)
-['coder', 'dict', 'docs']
+['coder', 'coder-mid', 'dict', 'dict-mid', 'docs', 'docs-mid']
+>>> VARIANTS["docs-mid"].layers
+(16, 22)
 >>> VARIANTS["dict"].target_modules[:3]
 ('q_proj', 'k_proj', 'v_proj')
 """
@@ -46,7 +48,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -243,6 +245,7 @@ class VariantSpec:
     r: int = 8
     lora_alpha: int = 16
     target_modules: tuple[str, ...] = PROJECTIONS
+    layers: tuple[int, int] | None = None
     seq_len: int = 256
     batch_size: int = 4
     warmup: int = 4
@@ -260,6 +263,7 @@ class VariantSpec:
             "r": self.r,
             "lora_alpha": self.lora_alpha,
             "target_modules": list(self.target_modules),
+            **({"layers": list(self.layers)} if self.layers else {}),
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,
             "warmup": self.warmup,
@@ -303,6 +307,17 @@ VARIANTS: dict[str, VariantSpec] = {
             seq_len=192,
         ),
     )
+}
+# Band variants: the same data and seeds, LoRA on six consecutive middle layers only, as when a
+# fine-tune freezes most of the network; the bands differ so the profiler must find each.
+VARIANTS |= {
+    f"{name}-mid": replace(
+        VARIANTS[name],
+        name=f"{name}-mid",
+        description=f"{VARIANTS[name].description}; LoRA on layers [{a}, {b}) only",
+        layers=(a, b),
+    )
+    for name, (a, b) in {"coder": (10, 16), "docs": (16, 22), "dict": (14, 20)}.items()
 }
 """The receivers of the base model, by name (DroidSpeak brief §5 [reconstruction])."""
 
@@ -408,6 +423,7 @@ def _lora(model, spec: VariantSpec):
         lora_alpha=spec.lora_alpha,
         lora_dropout=0.0,
         target_modules=list(spec.target_modules),
+        layers_to_transform=list(range(*spec.layers)) if spec.layers else None,
         bias="none",
         task_type="CAUSAL_LM",
     )

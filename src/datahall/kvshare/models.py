@@ -141,15 +141,25 @@ def _complete(dest: Path, source: Path) -> bool:
         return False
 
 
+def _transformers():
+    """transformers' auto classes, offline and without their per-load progress bars (datahall
+    reports its own progress; a bar per load would clutter stderr and its one-line errors)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    return AutoModelForCausalLM, AutoTokenizer
+
+
 def _convert(source: Path, dest: Path, progress) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     if progress:
         progress(f"converting {source.name} to a transformers checkpoint in {dest} (once)")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    AutoModelForCausalLM, AutoTokenizer = _transformers()
     folder = str(source.parent)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=source.name, dtype=torch.float32)
@@ -251,11 +261,10 @@ def tiny(
 
 def _from_dir(path: Path, name: str, family: str | None = None) -> Model:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a Hugging Face checkpoint (no config.json)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    AutoModelForCausalLM, AutoTokenizer = _transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = (
@@ -274,7 +283,8 @@ def _from_dir(path: Path, name: str, family: str | None = None) -> Model:
 
 def load(spec: str, progress=None) -> Model:
     """Load a model by name (``smollm2``, ``tiny-llama``, ``tiny-qwen2``, a variant name) or by
-    the path of a local checkpoint directory."""
+    the path of a local checkpoint directory (write ``./NAME`` for a folder named like a
+    model)."""
     if spec in (BASE, "smollm2-135m-instruct"):
         path = smollm2_checkpoint(progress)
         try:
@@ -286,13 +296,13 @@ def load(spec: str, progress=None) -> Model:
         kind, _, seed = spec.partition(":")
         model = tiny(kind.removeprefix("tiny-"), seed=int(seed or 0))
         return Model(spec, model, None, f"{kind}:{architecture(model.config)}")
+    from .finetune import VARIANTS, load_variant
+
+    if spec in VARIANTS:  # names win over folders: ./docs loads a folder called docs
+        return load_variant(spec, progress=progress)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _from_dir(path, path.name)
-    from .finetune import VARIANTS, load_variant
-
-    if spec in VARIANTS:
-        return load_variant(spec, progress=progress)
     raise ModelError(
         f"unknown model {spec!r}; use {BASE}, a variant ({', '.join(VARIANTS)}), "
         f"{' or '.join(TINY)}, or the path of a local checkpoint directory"

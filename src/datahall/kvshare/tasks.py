@@ -7,7 +7,8 @@ reconstruction, built only from the ``eval`` split of :mod:`datahall.kvshare.cor
 fine-tuned variant has trained on them:
 
 - ``docs-qa`` (:func:`~datahall.kvshare.metrics.token_f1`): a chunk of ``pydoc`` help text and
-  an extractive cloze question on one of its sentences;
+  an extractive question: quote the sentence that mentions a given word (a word found once in
+  the chunk);
 - ``code`` (:func:`~datahall.kvshare.metrics.edit_similarity`): the beginning of a
   standard-library module, and the next line of code to write;
 - ``definitions`` (:func:`~datahall.kvshare.metrics.rouge_l`): a glossary of WordNet
@@ -237,7 +238,6 @@ _STOPWORD_TEXT = """
     why will with within without would yet you your"""
 _STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"*(])")
-_QUOTED = re.compile(r'"([^"\n]{1,40})"')
 _WORD = re.compile(r"(?<![\w\"'.-])[A-Za-z][a-z]+(?:-[a-z]+)*(?![\w\"'-])")
 _UNDERLINE = re.compile(r"^\s*([*=\-~^#])\1{2,}\s*$")
 _LIST_MARKER = re.compile(r"^(?:\*|\d+\.)\s+")
@@ -281,51 +281,25 @@ def _sentences(context: str) -> list[str]:
         for sentence in _SENTENCE_END.split(text):
             if (
                 sentence.endswith(".")
-                and 8 <= len(sentence.split()) <= 45
+                and 8 <= len(sentence.split()) <= 30
                 and ">>>" not in sentence
             ):
-                out.append(sentence)
+                out.append(" ".join(sentence.split()))
     return [s for s in out if out.count(s) == 1]
 
 
-def _cloze(sentence: str, context: str, rng: random.Random) -> tuple[str, str] | None:
-    """(sentence with one distinctive span blanked, the span), or None if it has none.
-
-    Spans are quoted code names (``"__init__()"``), pairs of content words or single content
-    words of six letters or more (content: not a stopword, not an ``-ly`` adverb); each must
-    occur once in the sentence and verbatim in the context, so the answer is extractive."""
-
-    def unique(span: str, pattern: str) -> bool:
-        return len(re.findall(pattern, sentence)) == 1 and span in context
-
-    quoted = [
-        q
-        for q in _QUOTED.findall(sentence)
-        if len(q.split()) <= 4 and re.search(r"\w", q) and unique(q, re.escape(f'"{q}"'))
-    ]
-    words = [
-        m
+def _mention(sentence: str, context: str, rng: random.Random) -> str | None:
+    """A content word of ``sentence`` (five letters or more, not a stopword) that occurs once
+    in the whole ``context``, so it singles the sentence out; None if there is none."""
+    lowered = context.lower()
+    words = {
+        m.group()
         for m in _WORD.finditer(sentence)
-        if m.group().lower() not in _STOPWORDS and not m.group().endswith("ly")
-    ]
-    singles = [m.group() for m in words if len(m.group()) >= 6]
-    pairs = [
-        sentence[a.start() : b.end()]
-        for a, b in zip(words, words[1:], strict=False)
-        if sentence[a.end() : b.start()] == " " and min(len(a.group()), len(b.group())) >= 4
-    ]
-    bounded = [
-        [s for s in kind if unique(s, rf"(?<![\w\"]){re.escape(s)}(?![\w\"])")]
-        for kind in (singles, pairs)
-    ]
-    kinds = [kind for kind in (quoted, *bounded) if kind]
-    if not kinds:
-        return None
-    span = rng.choice(rng.choice(kinds))
-    if span in quoted:
-        return sentence.replace(f'"{span}"', '"____"'), span
-    blanked = re.sub(rf"(?<![\w\"]){re.escape(span)}(?![\w\"])", "____", sentence)
-    return blanked, span
+        if len(m.group()) >= 5
+        and m.group().lower() not in _STOPWORDS
+        and len(re.findall(rf"(?<![\w-]){re.escape(m.group().lower())}(?![\w-])", lowered)) == 1
+    }
+    return rng.choice(sorted(words)) if words else None
 
 
 def _docs_qa(n: int, rng: random.Random, budget: int, count: Count, part: Part) -> list[Example]:
@@ -335,14 +309,11 @@ def _docs_qa(n: int, rng: random.Random, budget: int, count: Count, part: Part) 
         rng.shuffle(sentences)
         asked = 0
         for sentence in sentences:
-            cloze = _cloze(sentence, context, rng)
-            if cloze is None:
+            word = _mention(sentence, context, rng)
+            if word is None:
                 continue
-            blanked, span = cloze
-            instruction = (
-                f"Fill in the blank with the exact words from the documentation above: {blanked}"
-            )
-            examples.append(Example(f"docs-qa/{label}/{asked}", context, instruction, span))
+            instruction = f'Quote the sentence of the documentation above that mentions "{word}".'
+            examples.append(Example(f"docs-qa/{label}/{asked}", context, instruction, sentence))
             asked += 1
             if asked == QUESTIONS_PER_CONTEXT:
                 break
@@ -464,7 +435,7 @@ def _definitions(
 
 
 _BUILDERS = {
-    "docs-qa": (_docs_qa, "token_f1", 12),
+    "docs-qa": (_docs_qa, "token_f1", 56),
     "code": (_code, "edit_similarity", 32),
     "definitions": (_definitions, "rouge_l", 32),
 }
