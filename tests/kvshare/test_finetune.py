@@ -87,12 +87,12 @@ def test_variants_have_the_required_fields():
 
 def test_band_variants_differ_from_their_full_variant_only_in_layers():
     bands = {name: spec for name, spec in VARIANTS.items() if spec.layers}
-    assert set(bands) == {"coder-mid", "docs-mid", "dict-mid"}
-    assert len({spec.layers for spec in bands.values()}) == 3  # the profiler must find each
+    assert set(bands) == {f"{v}-{b}" for v in ("coder", "docs", "dict") for b in ("mid", "top")}
+    assert len({spec.layers for spec in bands.values()}) == 6  # the profiler must find each
     for name, spec in bands.items():
-        full = VARIANTS[name.removesuffix("-mid")]
+        full = VARIANTS[name.rsplit("-", 1)[0]]
         a, b = spec.layers
-        assert 0 < a < b < 30 and b - a == 6
+        assert 0 < a < b <= 30 and 5 <= b - a <= 7 and (b == 30) == name.endswith("-top")
         assert dataclasses.replace(spec, name=full.name, description=full.description,
                                    layers=None) == full  # fmt: skip
         assert spec.fingerprint()["layers"] == [a, b] and "layers" not in full.fingerprint()

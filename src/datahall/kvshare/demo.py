@@ -1,6 +1,6 @@
 """The tour's DroidSpeak demo: one variant pair, one shared context, three modes.
 
-The SmolLM2 base prefills a documentation context; the ``docs-mid`` variant answers questions
+The SmolLM2 base prefills a documentation context; the ``docs-top`` variant answers questions
 about it with its own full prefill, by reusing the base's KV for every layer, and with
 DroidSpeak's recompute group from the pair's packaged profile. Reported: TTFT and token F1.
 """
@@ -17,7 +17,7 @@ from .models import BASE, load
 from .profile import Profile, find_profile
 from .tasks import build_task
 
-RECEIVER = "docs-mid"
+RECEIVER = "docs-top"
 CONTEXT_TOKENS = 512
 EXAMPLES = 5  # the questions of one shared context
 

@@ -28,8 +28,8 @@ r = 8 (4.9 MB); held-out answer loss falls from the base's 3.08 / 2.25 / 1.95 to
 0.67 (coder / docs / dict), and full reuse of the base's KV gives the receiver a next-token KL
 of 0.11–0.30 nats against its own prefill on 230–300-token eval prompts.
 
->>> sorted(VARIANTS)
-['coder', 'coder-mid', 'dict', 'dict-mid', 'docs', 'docs-mid']
+>>> sorted(VARIANTS)[:4]
+['coder', 'coder-mid', 'coder-top', 'dict']
 >>> VARIANTS["docs-mid"].layers
 (16, 22)
 >>> VARIANTS["dict"].target_modules[:3]
@@ -308,16 +308,26 @@ VARIANTS: dict[str, VariantSpec] = {
         ),
     )
 }
-# Band variants: the same data and seeds, LoRA on six consecutive middle layers only, as when a
-# fine-tune freezes most of the network; the bands differ so the profiler must find each.
+# Band variants: the same data and seeds, LoRA on a band of consecutive layers only, as when a
+# fine-tune freezes the rest of the network. "-top" bands end at the last layer (the common
+# freeze-the-lower-layers recipe), "-mid" bands sit in the middle; the bands differ so the
+# profiler must find each.
+BANDS = {
+    "coder-mid": (10, 16),
+    "docs-mid": (16, 22),
+    "dict-mid": (14, 20),
+    "coder-top": (24, 30),
+    "docs-top": (25, 30),
+    "dict-top": (23, 30),
+}
 VARIANTS |= {
-    f"{name}-mid": replace(
-        VARIANTS[name],
-        name=f"{name}-mid",
-        description=f"{VARIANTS[name].description}; LoRA on layers [{a}, {b}) only",
+    name: replace(
+        VARIANTS[name.rsplit("-", 1)[0]],
+        name=name,
+        description=f"{VARIANTS[name.rsplit('-', 1)[0]].description}; LoRA on layers [{a}, {b}) only",
         layers=(a, b),
     )
-    for name, (a, b) in {"coder": (10, 16), "docs": (16, 22), "dict": (14, 20)}.items()
+    for name, (a, b) in BANDS.items()
 }
 """The receivers of the base model, by name (DroidSpeak brief §5 [reconstruction])."""
 
