@@ -162,7 +162,7 @@ def main() -> None:
             within = True
         except ValueError as e:  # no group within budget: evaluate the best one, pair fails
             say(str(e))
-            group = max(profile.frontier, key=lambda c: c.quality).group
+            group = profile.best().group
             within = False
         say(f"{pair}: group [{group[0]}, {group[1]}); timing TTFT")
         t_full, t_ours = ttft(S, R, group, ttft_contexts)
@@ -183,7 +183,11 @@ def main() -> None:
                 f"{t_ours:.2f} s",
                 f"{speedup:.2f}x",
             ]
-            + [f"{losses[t]:+.1%} / {reuse[t]:+.1%}" for t in TASKS]
+            + [
+                f"{losses[t]:+.1%} [{ci[0]:+.0%}, {ci[1]:+.0%}] / {reuse[t]:+.1%}"
+                for t in TASKS
+                for ci in [rep.summary(t, "droidspeak").loss_ci]
+            ]
             + ["yes" if ok else "NO"]
         )
         data[name] = {
@@ -200,7 +204,7 @@ def main() -> None:
         }
         write_json(RESULTS / "kvshare" / f"answers-{pair}.json", rep.answers)
     print_table(
-        f"kvshare: per pair (TTFT at {TTFT_TOKENS} tokens; quality at {context} tokens, {n} examples/task; loss = DroidSpeak / full reuse)",
+        f"kvshare: per pair (TTFT at {TTFT_TOKENS} tokens; quality at {context} tokens, {n} examples/task; loss = DroidSpeak [95% CI] / full reuse)",
         [
             "receiver",
             "group",

@@ -1,10 +1,12 @@
 """The three-mode evaluation on tiny decoders with SmolLM2's real tokenizer and chat template."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from datahall.kvshare.evaluate import MODES, evaluate_pair  # noqa: E402
+from datahall.kvshare.evaluate import MODES, evaluate_pair, loss_interval  # noqa: E402
 from datahall.kvshare.models import Model, tiny  # noqa: E402
 from datahall.kvshare.tasks import build_task  # noqa: E402
 
@@ -68,3 +70,23 @@ def test_full_prefill_agrees_fully_with_itself_on_every_task(models, tokenizer):
     S, R = models
     rep = evaluate_pair(S, R, tasks(tokenizer), (0, 1), modes=["full-prefill"])
     assert all(a.agreement == 1.0 for a in rep.answers)
+
+
+@given(
+    st.lists(st.floats(0.01, 1.0), min_size=1, max_size=30),
+    st.floats(0.0, 2.0),
+)
+def test_loss_interval_of_a_scaled_mode_is_the_scale(base, c):
+    """Every bootstrap draw of c·scores loses exactly 1 − c, so the interval collapses there."""
+    lo, hi = loss_interval(base, [c * x for x in base])
+    assert lo == pytest.approx(1 - c, abs=1e-9) and hi == pytest.approx(1 - c, abs=1e-9)
+
+
+def test_loss_interval_is_seeded_and_brackets_a_noisy_loss():
+    base = [0.2, 0.9, 0.4, 0.7, 0.1, 0.8, 0.5, 0.6] * 5
+    other = [x - 0.1 if i % 2 else x for i, x in enumerate(base)]
+    lo, hi = loss_interval(base, other)
+    assert (lo, hi) == loss_interval(base, other)
+    assert 0 < lo < 1 - sum(other) / sum(base) < hi < 0.2
+    with pytest.raises(ValueError, match="equally long"):
+        loss_interval([1.0], [1.0, 2.0])

@@ -49,6 +49,9 @@ def test_choice_is_the_fastest_point_within_the_quality_budget():
     assert p.choose(0.05).group == (3, 5)
     assert p.choose(0.25).group == (0, 0)
     assert p.choose(0.0).group == (0, 10)
+    assert p.best().group == (0, 10)
+    tie = profile([config((0, 0), 0.8), config((4, 8), 0.99), config((1, 9), 0.99)])
+    assert tie.best().group == (4, 8)  # equal quality: fewer layers
 
 
 def test_ttft_target_and_the_error_when_nothing_fits():

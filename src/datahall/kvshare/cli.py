@@ -358,13 +358,13 @@ def eval_cmd(
         return
     print_table(
         f"{sender} -> {receiver}, group [{g[0]}, {g[1]}) of {R.num_layers} layers, {n} examples per task",
-        ["task", "mode", "score", "relative loss", "agreement", "TTFT (median)"],
+        ["task", "mode", "score", "relative loss (95% CI)", "agreement", "TTFT (median)"],
         [
             [
                 s.task,
                 s.mode,
                 f"{s.score:.3f}",
-                f"{s.relative_loss:+.1%}",
+                f"{s.relative_loss:+.1%} ({s.loss_ci[0]:+.1%}, {s.loss_ci[1]:+.1%})",
                 f"{s.agreement:.3f}",
                 f"{s.ttft_s:.2f} s",
             ]

@@ -31,7 +31,10 @@ def run(out_dir: Path, progress: Progress) -> DemoResult:
             f"no profile for {BASE} -> {RECEIVER}; run: datahall kvshare profile {BASE} {RECEIVER}"
         )
     profile = Profile.load(path)
-    group = profile.choose().group
+    try:
+        group = profile.choose().group
+    except ValueError:  # no group within 2% on the profile: show the best one
+        group = profile.best().group
     progress.advance(task)
 
     def count(text: str) -> int:

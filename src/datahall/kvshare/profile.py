@@ -123,7 +123,7 @@ class Profile:
         if ttft_target is not None:
             ok = [c for c in ok if self.estimate_ttft(c, n_tokens, bandwidth) <= ttft_target]
         if not ok:
-            best = max(self.frontier, key=lambda c: c.quality)
+            best = self.best()
             raise ValueError(
                 f"no profiled group of {self.sender} -> {self.receiver} loses at most {max_loss:.0%} "
                 + (f"within {ttft_target:g} s " if ttft_target is not None else "")
@@ -131,6 +131,10 @@ class Profile:
                 "relax the budget or profile more groups (--max-group)"
             )
         return min(ok, key=lambda c: (self.estimate_ttft(c, n_tokens, bandwidth), -c.quality))
+
+    def best(self) -> Config:
+        """The frontier point of highest quality (the fewest layers among equals)."""
+        return max(self.frontier, key=lambda c: (c.quality, -c.layers))
 
     def to_json(self) -> dict:
         d = asdict(self)
