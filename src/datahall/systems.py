@@ -76,6 +76,9 @@ SYSTEMS: tuple[System, ...] = (
         "datahall.kvshare",
         "KV-cache reuse across fine-tuned variants of one base LLM; selective layer recompute",
         "DroidSpeak, NSDI '26",
+        "ready",
+        "datahall.kvshare.cli:app",
+        "datahall.kvshare.demo:run",
     ),
     System(
         "gateway",
