@@ -81,7 +81,9 @@ def run(out_dir: Path, progress: Progress) -> DemoResult:
         what=(
             f"DroidSpeak: {RECEIVER} variant reuses {BASE}'s KV for a {CONTEXT_TOKENS}-token context, "
             f"recomputing layers [{group[0]}, {group[1]}) of {R.num_layers}; F1 {ds.score:.2f} vs "
-            f"{full.score:.2f} (full prefill), {summary['full-reuse'].score:.2f} (full reuse)"
+            f"{full.score:.2f} (full prefill), {summary['full-reuse'].score:.2f} (full reuse); "
+            f"agreement with full prefill {ds.agreement:.2f} vs "
+            f"{summary['full-reuse'].agreement:.2f} (full reuse)"
         ),
         headline="DroidSpeak TTFT",
         value=ds.ttft_s,
