@@ -359,7 +359,7 @@ def test_a_frame_header_and_payload_are_each_checked():
     for pos in range(FRAME_HEADER_BYTES, len(frame)):
         bad = bytearray(frame)
         bad[pos] ^= 0x80
-        with pytest.raises(CorruptCache, match="blake2b"):
+        with pytest.raises(CorruptCache, match="crc32"):
             frame_tensor(head, bytes(bad[FRAME_HEADER_BYTES:]))
     with pytest.raises(CorruptCache, match="payload"):
         frame_tensor(head, frame[FRAME_HEADER_BYTES:-1])

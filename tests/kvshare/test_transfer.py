@@ -15,6 +15,7 @@ from datahall.kvshare.models import tiny  # noqa: E402
 from datahall.kvshare.store import (  # noqa: E402
     FRAME_HEADER_BYTES,
     PREAMBLE,
+    VERSION,
     CacheEntry,
     CorruptCache,
     Kind,
@@ -148,7 +149,7 @@ async def faulty(payload: bytes, stall: float = 0.0):
 
 
 def good_stream(sent, group=(1, 3)):
-    return [PREAMBLE.pack(b"DHKV", 1, 0), *stream_frames(sent, group)]
+    return [PREAMBLE.pack(b"DHKV", VERSION, 0), *stream_frames(sent, group)]
 
 
 def run_faulty(payload, stall=0.0, **kw):

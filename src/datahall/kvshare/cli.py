@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -373,3 +375,202 @@ def eval_cmd(
     )
     if out:
         console.print(f"results: {out}")
+
+
+def _listen(host: str, port: int, option: str) -> socket.socket:
+    """A listening TCP socket on host:port, or OSError saying what to change."""
+    if not 0 <= port <= 65535:
+        raise ValueError(
+            f"{option} must be a port number in 0..65535 (0 picks a free one), got {port}"
+        )
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve --host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise OSError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}; pick another {option} "
+            "(0 picks a free one)"
+        ) from None
+    return sock
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[
+        list[str],
+        typer.Option(
+            "--model",
+            "-m",
+            help="a variant to serve (repeatable; all fine-tunes of one base, the first is the "
+            "reference): a name from `datahall kvshare models` or a checkpoint folder",
+        ),
+    ],
+    host: Annotated[str, typer.Option(help="address of the HTTP API")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the HTTP API (0 picks a free one)")] = 8000,
+    sharing: Annotated[
+        str, typer.Option(help="none | prefix (same variant) | droidspeak (also across variants)")
+    ] = "droidspeak",
+    redis: Annotated[
+        str | None,
+        typer.Option(
+            help="Redis URL shared by the nodes, e.g. redis://127.0.0.1:6379/0 (if it is down, "
+            "the node serves from its own tier and reconnects later)"
+        ),
+    ] = None,
+    shared: Annotated[
+        str,
+        typer.Option(
+            help="what the nodes share through Redis: directory (records naming the node that "
+            "holds a cache; fetched from it layer by layer), blob (whole caches), or both"
+        ),
+    ] = "directory",
+    peer_variant: Annotated[
+        list[str] | None,
+        typer.Option("--peer-variant", help="a variant other nodes serve (repeatable)"),
+    ] = None,
+    cache_port: Annotated[
+        int, typer.Option(help="port of this node's cache server for its peers (0 picks one)")
+    ] = 0,
+    link: Annotated[
+        str | None,
+        typer.Option(
+            help="emulate this link rate on the cache server, e.g. 25Gb/s (default: none)"
+        ),
+    ] = None,
+    latency: Annotated[str, typer.Option(help="one-way latency of the emulated link")] = "0s",
+    max_batch: Annotated[int, typer.Option(help="most requests decoded together")] = 8,
+    max_prompt_tokens: Annotated[int, typer.Option(help="longest prompt accepted")] = 2048,
+    kv_cache_bytes: Annotated[
+        str | None,
+        typer.Option(
+            help="KV budget of running requests, e.g. 2GiB (default: max-batch full contexts)"
+        ),
+    ] = None,
+    store_bytes: Annotated[
+        str, typer.Option(help="capacity of the node's prefix-cache hot tier")
+    ] = "1GiB",
+    ttl: Annotated[
+        str | None, typer.Option(help="expiry of the caches and records in Redis, e.g. 10min")
+    ] = None,
+    max_loss: Annotated[
+        float, typer.Option(help="quality loss allowed when choosing a pair's recompute group")
+    ] = 0.02,
+    tokenizer: Annotated[
+        str,
+        typer.Option(
+            help="auto (the first model's) or bytes (byte-level, for token-id test models such "
+            "as tiny-llama)"
+        ),
+    ] = "auto",
+) -> None:
+    """Serve variants of one base behind an OpenAI-compatible API (DroidSpeak serving): continuous
+    batching, prefix caching, cross-variant cache reuse, and with --redis cache sharing with
+    other nodes. Prints the URL, runs until Ctrl-C."""
+    import contextlib
+    import logging
+
+    from ..core.units import parse_bytes, parse_time
+    from .transfer import Link
+
+    # bad input first, before minutes of model loading
+    if sharing not in ("none", "prefix", "droidspeak"):
+        raise ValueError(f"--sharing must be none, prefix or droidspeak, got {sharing!r}")
+    if shared not in ("blob", "directory", "both"):
+        raise ValueError(f"--shared must be directory, blob or both, got {shared!r}")
+    if tokenizer not in ("auto", "bytes"):
+        raise ValueError(f"--tokenizer must be auto or bytes, got {tokenizer!r}")
+    if len(set(model)) != len(model):
+        raise ValueError(f"--model names a variant twice: {', '.join(model)}")
+    if not 0 <= cache_port <= 65535:
+        raise ValueError(f"--cache-port must be in 0..65535 (0 picks a free one), got {cache_port}")
+    peers = [p for p in peer_variant or () if p not in model]
+    if peers and redis is None:
+        raise ValueError("--peer-variant needs --redis: the nodes share their caches through it")
+    directory = redis is not None and shared != "blob" and sharing != "none"
+    pace = Link.parse(link, latency) if link is not None else Link(None, float(parse_time(latency)))
+    if not pace.unlimited and not directory:
+        raise ValueError(
+            "--link/--latency pace this node's cache server, which runs only with --redis, "
+            "--shared directory or both, and sharing on"
+        )
+    budget = int(parse_bytes(kv_cache_bytes)) if kv_cache_bytes else None
+    capacity = int(parse_bytes(store_bytes))
+    ttl_s = float(parse_time(ttl)) if ttl else None
+    listener = _listen(host, port, "--port")
+    node = remote = None
+    try:
+        import uvicorn
+
+        from .engine import Engine, profiled_groups
+        from .models import check_compatible, load
+        from .server import ByteTokenizer, create_app
+        from .store import LocalStore, RedisStore, TieredStore
+        from .transfer import CacheNode
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+        with console.status(f"loading {', '.join(model)}"):
+            models = {name: load(name, progress=err_console.print) for name in model}
+        first = models[model[0]]
+        for other in models.values():
+            check_compatible(first, other)  # before the tokenizer: the more basic mismatch
+        if tokenizer == "bytes":
+            if first.config.vocab_size < 256:
+                raise ValueError(
+                    f"--tokenizer bytes needs 256 token ids; {model[0]} has "
+                    f"{first.config.vocab_size}"
+                )
+            tok = ByteTokenizer()
+        elif first.tokenizer is None:
+            raise ValueError(
+                f"{model[0]} has no tokenizer; serve it with --tokenizer bytes (a byte-level "
+                "tokenizer for token-id test models)"
+            )
+        else:
+            tok = first.tokenizer
+        store = None
+        if sharing != "none":
+            store = local = LocalStore(capacity)
+            if redis is not None:
+                remote = RedisStore(redis, ttl_s=ttl_s)
+                remote.ping()  # a Redis that is down is logged now (once), and retried later
+                store = TieredStore(local, remote, shared=shared)
+            if directory:
+                node = CacheNode(local, link=None if pace.unlimited else pace, port=cache_port)
+                node.start()
+        engine = Engine(
+            models,
+            store=store,
+            profiles=profiled_groups(max_loss) if sharing == "droidspeak" else None,
+            sharing=sharing,
+            max_batch=max_batch,
+            max_prompt_tokens=max_prompt_tokens,
+            kv_cache_bytes=budget,
+            peers=peers,
+            node=node,
+        )
+        config = uvicorn.Config(create_app(engine, tok), log_level="warning", access_log=False)
+        address, bound = listener.getsockname()[:2]
+        url = f"http://{f'[{address}]' if ':' in address else address}:{bound}/v1"
+        extra = f"caches for peers on {node.address}; " if node is not None else ""
+        console.print(
+            f"serving {', '.join(model)} on {url} ({extra}Ctrl-C stops)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.stdout.flush()
+        # uvicorn shuts down gracefully on Ctrl-C, then raises it again: a normal stop here
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        listener.close()
+        if node is not None:
+            node.close()
+        if remote is not None:
+            remote.close()

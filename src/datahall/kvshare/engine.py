@@ -42,6 +42,30 @@ A background worker thread runs the steps; requests stream their tokens to async
 a queue fed with ``loop.call_soon_threadsafe``, and record arrival, first-token and per-token
 times for TTFT and inter-token latency.
 
+**Nodes.** Several engines (nodes) share caches through Redis (a
+:class:`~datahall.kvshare.store.TieredStore`). With ``shared="blob"`` whole entries go through
+Redis. With ``shared="directory"`` (or ``"both"``) a node given a
+:class:`~datahall.kvshare.transfer.CacheNode` serves its hot tier to its peers over TCP and
+publishes a small directory record per stored entry (the key → its cache server's
+``host:port``); on a miss in its own tiers a node looks the prompt up in the directory for its
+own variant and the siblings it shares with, and fetches the cheapest: a same-variant entry
+whole (every layer's K/V and the E caches the siblings need; the copy goes into the hot tier,
+not published), or a sibling's with the pair's group [s, e) recomputed as the E cache arrives
+while the other layers stream (:func:`~datahall.kvshare.transfer.fetch_hybrid`, E-first
+pipelining); the hybrid is used for this request only. A fetch that fails (truncated, corrupted,
+timed out, refused, unreachable) is never used: it is logged and counted, and the request is
+prefilled as if the directory had not named the peer (its own tiers, else a full prefill).
+:attr:`Request.transfer` holds the fetch's timings; :attr:`EngineStats.transfers` counts
+outcomes.
+
+*What blocks the worker:* the store lookups (the hot tier; Redis round trips for pointers and
+directory records, two per prompt for all the variants asked, bounded by the store's socket
+timeout and skipped while it backs off after an outage; in blob mode, reading a whole entry
+from Redis) and the puts (the blob, in blob mode; one small directory write). *What does not:*
+the transfer and the group's recompute run on the cache node's thread; the request waits
+(counted as waiting, as vLLM counts a request waiting for remote KV) while the engine keeps
+decoding the others, and is prefilled at the first step after its fetch ends.
+
 >>> from datahall.kvshare.models import load
 >>> with Engine({"a": load("tiny-llama")}, max_batch=2) as engine:
 ...     request = engine.generate(list(range(1, 20)), "a", max_new_tokens=4)
@@ -52,6 +76,7 @@ times for TTFT and inter-token latency.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -71,7 +96,16 @@ from transformers import DynamicCache
 
 from .hybrid import Group, SenderCache, _pick, check_group, hybrid_kv, to_cache
 from .models import Model, check_compatible
-from .store import CacheEntry, Hit, LocalStore, StoreStats, TieredStore
+from .store import CacheEntry, CorruptCache, Hit, LocalStore, Location, StoreStats, TieredStore
+from .transfer import (
+    CacheNode,
+    CorruptTransfer,
+    FetchRequest,
+    PeerError,
+    TransferError,
+    TransferTimeout,
+    TruncatedTransfer,
+)
 
 __all__ = [
     "Sharing",
@@ -82,6 +116,8 @@ __all__ = [
     "PromptTooLong",
     "EngineUnavailable",
     "SamplingParams",
+    "TRANSFER_OUTCOMES",
+    "Transfer",
     "Request",
     "EngineStats",
     "Engine",
@@ -94,6 +130,11 @@ Sharing = Literal["none", "prefix", "droidspeak"]
 PREFILL_KINDS = ("full", "same_variant", "cross_variant")
 """How a prompt was prefilled: from scratch, on the variant's own cached prefix, or on a
 sibling variant's cached prefix with the pair's group recomputed."""
+
+TRANSFER_OUTCOMES = ("ok", "truncated", "corrupt", "timeout", "peer_error", "unreachable", "error")
+"""How a fetch from a peer ended: used, or why not (the peer closed early; a checksum, the
+protocol or the tokens failed; too slow; the peer refused, e.g. no longer holding the entry; no
+connection; anything else)."""
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -153,6 +194,34 @@ class SamplingParams:
 _DONE = object()
 
 
+@dataclass
+class Transfer:
+    """A cache fetched from a peer node for one request: from whom (`peer`, its cache server's
+    ``host:port``), what (the `variant` that produced it, `tokens` of the prompt, the `kind`
+    of prefill it is for and the `group` recomputed), how it ended (`outcome`, one of
+    :data:`TRANSFER_OUTCOMES`, and the `error`), and when: `started` (the engine asked) and
+    `finished` (the fetch ended) are ``time.perf_counter()`` values; the ``_s`` fields are
+    seconds after the fetch began on the cache node's loop: the E cache's arrival, the
+    group's recompute start and end, the last frame's arrival (`transfer_s`), the whole fetch
+    with its recompute (`total_s`); `bytes` as received, for a fetch that arrived."""
+
+    peer: str
+    variant: str
+    kind: str
+    group: Group
+    tokens: int
+    started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+    outcome: str | None = None
+    error: str | None = None
+    e_arrived_s: float | None = None
+    recompute_start_s: float | None = None
+    recompute_end_s: float | None = None
+    transfer_s: float | None = None
+    total_s: float | None = None
+    bytes: int = 0
+
+
 @dataclass(eq=False)
 class Request:
     """One generation request and, as it runs, its output and timings (``time.perf_counter``
@@ -176,6 +245,8 @@ class Request:
     """Prompt tokens whose K/V came from the store (vLLM's ``cached_tokens``)."""
     source_variant: str | None = None
     group: Group | None = None
+    transfer: Transfer | None = None
+    """The fetch from a peer node this request's prefill waited for (None: none)."""
 
     def __post_init__(self) -> None:
         self._done = threading.Event()
@@ -271,6 +342,12 @@ class EngineStats:
     decode_tokens: int = 0
     """Rows over all decode forward passes: ``decode_tokens / decode_steps`` is the mean
     decode batch size."""
+    fetching: int = 0
+    """Requests waiting for a fetch from a peer (also counted in `waiting`)."""
+    transfers: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TRANSFER_OUTCOMES, 0))
+    """Fetches from peers by outcome."""
+    transfer_bytes: int = 0
+    """Bytes of the caches received intact from peers."""
     store: StoreStats | None = None
 
     @property
@@ -289,13 +366,29 @@ class EngineStats:
 @dataclass
 class _Plan:
     """How to prefill one request: `reuse` prompt tokens from `hit` (with `group` recomputed
-    for a sibling's hit), costing `cost` token-layers over layers (tokens of a full pass)."""
+    for a sibling's hit), costing `cost` token-layers over layers (tokens of a full pass); or
+    from a peer at `location` (fetched first); `kv` is the prefix's KV once built."""
 
     kind: str
     cost: float
     hit: Hit | None = None
     reuse: int = 0
     group: Group | None = None
+    location: Location | None = None
+    kv: KV | None = None
+
+    @property
+    def source(self) -> str | None:
+        if self.hit is not None:
+            return self.hit.variant
+        return self.location.variant if self.location is not None else None
+
+
+@dataclass(eq=False)
+class _Fetch:
+    request: Request
+    plan: _Plan
+    future: concurrent.futures.Future
 
 
 class _Batch:
@@ -361,8 +454,11 @@ class Engine:
     `kv_cache_bytes` (default: `max_batch` requests of `max_model_len` tokens), the denominator
     of the KV-usage metric. `peers` names the variants that other nodes serve through the same
     shared store: their caches are reused here, and the E caches their groups start at are
-    stored for them. Start the worker with :meth:`start` (or ``with Engine(...)``), or
-    drive it by hand with :meth:`step`.
+    stored for them. `node` (a :class:`~datahall.kvshare.transfer.CacheNode` over the store's
+    hot tier) serves this node's caches to its peers and fetches theirs when the store shares
+    a directory (``TieredStore(..., shared="directory")``); the engine starts and closes it
+    with its worker. Start the worker with :meth:`start` (or ``with Engine(...)``), or drive
+    it by hand with :meth:`step` (start the node yourself then).
     """
 
     def __init__(
@@ -378,6 +474,7 @@ class Engine:
         max_model_len: int | None = None,
         kv_cache_bytes: int | None = None,
         peers: Sequence[str] = (),
+        node: CacheNode | None = None,
     ):
         if not models:
             raise ValueError("an engine needs at least one model")
@@ -390,12 +487,23 @@ class Engine:
             )
         if max_batch < 1 or max_prompt_tokens < 1:
             raise ValueError("max_batch and max_prompt_tokens must be positive")
+        local = store.local if isinstance(store, TieredStore) else store
+        if node is not None and node.store is not local:
+            raise ValueError(
+                "the cache node must serve the engine's hot tier: CacheNode(store.local)"
+            )
+        if node is None and isinstance(store, TieredStore) and store.directory:
+            raise ValueError(
+                f"shared={store.shared!r} needs a cache node to serve and fetch entries: pass "
+                "node=CacheNode(store.local), or share blobs (shared='blob')"
+            )
         self.models = dict(models)
         first = next(iter(self.models.values()))
         for model in self.models.values():
             check_compatible(first, model)
         self.base = first.base
         self.store = store
+        self.node = node
         self.sharing: Sharing = sharing
         self.max_batch = max_batch
         self.max_prompt_tokens = max_prompt_tokens
@@ -427,6 +535,8 @@ class Engine:
             prompt_tokens=dict.fromkeys(self.models, 0),
             generation_tokens=dict.fromkeys(self.models, 0),
         )
+        self._fetching: list[_Fetch] = []
+        self._submitted = 0  # requests ever queued (wakes a step that waits for fetches)
         self._listeners: list[Callable[[Request], None]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -447,6 +557,8 @@ class Engine:
         """Start the background worker (once)."""
         if self._failure is not None:
             raise EngineUnavailable(f"the engine's worker failed: {self._failure}")
+        if self.node is not None:
+            self.node.start()
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="kvshare-engine", daemon=True)
             self._thread.start()
@@ -461,6 +573,8 @@ class Engine:
             self._thread.join(timeout)
         if self._thread is None or not self._thread.is_alive():
             self._abort_all("abort", None)  # else the worker does it when its step ends
+        if self.node is not None:
+            self.node.close()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -543,6 +657,7 @@ class Engine:
         request._bind(loop)
         with self._lock:
             self._waiting.append(request)
+            self._submitted += 1
             self._lock.notify_all()
         return request
 
@@ -563,15 +678,16 @@ class Engine:
         with self._lock:
             stats = dataclasses.replace(
                 self._stats,
-                waiting=len(self._waiting),
+                waiting=len(self._waiting) + len(self._fetching),
+                fetching=len(self._fetching),
                 prefills=dict(self._stats.prefills),
+                transfers=dict(self._stats.transfers),
                 prompt_tokens=dict(self._stats.prompt_tokens),
                 generation_tokens=dict(self._stats.generation_tokens),
                 finished=dict(self._stats.finished),
             )
         if self.store is not None:
-            local = self.store.local if isinstance(self.store, TieredStore) else self.store
-            stats.store = local.stats
+            stats.store = self._local.stats
         return stats
 
     # ---- the scheduler ---------------------------------------------------------------------
@@ -600,6 +716,7 @@ class Engine:
         if self._thread is not None and threading.current_thread() is not self._thread:
             raise RuntimeError("the engine's worker is running; do not call step() as well")
         self._drop_cancelled()
+        submitted = self._submitted
         prefilled = self._admit()
         decoded = False
         for variant, running in self._running.items():
@@ -614,7 +731,23 @@ class Engine:
         with self._lock:
             self._stats.kv_cache_bytes = live
             self._stats.running = sum(map(len, self._running.values()))
-        return bool(prefilled) or decoded or any(self._running.values())
+        busy = bool(prefilled) or decoded or any(self._running.values())
+        if self._fetching and not busy:
+            # only fetches under way: sleep until one ends or a request comes (not spin)
+            with self._lock:
+                self._lock.wait_for(
+                    lambda: (
+                        self._stopping
+                        or self._submitted != submitted
+                        or any(f.future.done() or f.request.cancelled for f in self._fetching)
+                    ),
+                    timeout=0.5,
+                )
+        return busy or bool(self._fetching)
+
+    def _wake(self, _: object = None) -> None:
+        with self._lock:
+            self._lock.notify_all()
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -627,6 +760,10 @@ class Engine:
             for r in [r for r in running if r.cancelled]:
                 running.remove(r)
                 self._finish(r, "abort")
+        for f in [f for f in self._fetching if f.request.cancelled]:
+            self._fetching.remove(f)
+            f.future.cancel()
+            self._finish(f.request, "abort")
 
     def _admit(self) -> list[Request]:
         """Admit waiting requests in arrival order while the limits allow, prefilling each."""
@@ -636,6 +773,15 @@ class Engine:
         # the KV budget is reserved for each request's longest possible cache: with no
         # preemption, an admitted request must be able to run to its length limit
         reserved = sum(self._reserve(r) for rs in self._running.values() for r in rs)
+        reserved += sum(self._reserve(f.request) for f in self._fetching)
+        # requests whose fetch ended were admitted before any still waiting: prefill them first
+        for f in [f for f in self._fetching if f.future.done()]:
+            self._fetching.remove(f)
+            plan = self._fetched(f)
+            budget -= plan.cost
+            admitted.append(f.request)
+            self._prefill(f.request, plan)
+        running += len(self._fetching) + len(admitted)
         while running < self.max_batch:
             with self._lock:
                 request = self._waiting[0] if self._waiting else None
@@ -654,9 +800,12 @@ class Engine:
                 break
             with self._lock:
                 self._waiting.popleft()
-            budget -= plan.cost
             reserved += need
             running += 1
+            if plan.location is not None:
+                self._fetch(request, plan)  # prefilled at the first step after it ends
+                continue
+            budget -= plan.cost
             admitted.append(request)
             self._prefill(request, plan)
         return admitted
@@ -682,10 +831,65 @@ class Engine:
                 layers.add(group[0])
         return layers
 
-    def _plan(self, request: Request) -> _Plan:
+    def _sources(self, variant: str) -> list[tuple[str, Group]]:
+        """The siblings whose caches `variant` reuses, with the pair's groups."""
+        if self.sharing != "droidspeak":
+            return []
+        out = []
+        for sibling in self.siblings:
+            group = self._group(sibling, variant) if sibling != variant else None
+            if group is not None:
+                out.append((sibling, group))
+        return out
+
+    def _plan(self, request: Request, *, remote: bool = True) -> _Plan:
         """The cheapest way to prefill `request`, in layer-passes over tokens: full (n), on
         its own cached prefix of m tokens (n − m), or on a sibling's with group [s, e)
-        recomputed ((e − s)/L·m + n − m)."""
+        recomputed ((e − s)/L·m + n − m); from the node's own tiers, else (`remote`) from a
+        peer that the directory names for a longer prefix."""
+        best = self._plan_local(request)
+        if remote and self.node is not None and self.node.alive:
+            best = self._plan_remote(request, best)
+        return best
+
+    def _plan_remote(self, request: Request, best: _Plan) -> _Plan:
+        """`best`, or a fetch from a peer whose cache makes the prefill cheaper. Transfer time
+        is not weighed: a peer's longer prefix always wins (the paper's adaptation does not
+        consider bandwidth either, brief §1)."""
+        n = len(request.prompt)
+        if self.sharing == "none" or not isinstance(self.store, TieredStore):
+            return best
+        if best.reuse >= n - 1:
+            return best
+        sources = self._sources(request.variant)
+        variants = [request.variant] + [v for v, _ in sources]
+        located = self.store.locate(
+            request.prompt,
+            self.base,
+            variants,
+            min_tokens=best.reuse + 1,
+            exclude=self.node.address,
+        )
+        groups = dict(sources)
+        for variant in variants:
+            loc = located.get(variant)
+            if loc is None or min(loc.n, n - 1) <= best.reuse:
+                continue
+            m = min(loc.n, n - 1)
+            if variant == request.variant:
+                plan = _Plan("same_variant", float(n - m), reuse=m, location=loc)
+            else:
+                s, e = groups[variant]
+                if e > s and s > 0 and s not in loc.e_layers:
+                    log.debug("%s's cache at %s lacks the E cache at %d", variant, loc.address, s)
+                    continue
+                cost = (e - s) / self.num_layers * m + n - m
+                plan = _Plan("cross_variant", cost, reuse=m, group=(s, e), location=loc)
+            if plan.cost < best.cost:
+                best = plan
+        return best
+
+    def _plan_local(self, request: Request) -> _Plan:
         n = len(request.prompt)
         best = _Plan("full", float(n))
         if self.sharing == "none" or self.store is None:
@@ -694,12 +898,9 @@ class Engine:
         if own is not None and min(own.n, n - 1) > 0:
             m = min(own.n, n - 1)  # the last prompt token is always run: its logits are needed
             best = _Plan("same_variant", float(n - m), own, m)
-        if self.sharing != "droidspeak" or best.reuse == n - 1:
+        if best.reuse == n - 1:
             return best
-        for sibling in self.siblings:
-            group = self._group(sibling, request.variant) if sibling != request.variant else None
-            if group is None:
-                continue
+        for sibling, group in self._sources(request.variant):
             hit = self.store.lookup(request.prompt, self.base, sibling)
             if hit is None or min(hit.n, n - 1) <= best.reuse:
                 continue
@@ -721,7 +922,9 @@ class Engine:
         e_layers = self._e_layers(request.variant) if plan.kind != "cross_variant" else set()
         try:
             sent: SenderCache | None = None
-            if plan.hit is None:
+            if plan.kv is not None:  # a sibling's hybrid fetched from a peer
+                past = to_cache(model, plan.kv)
+            elif plan.hit is None:
                 past = DynamicCache(config=model.config)
             else:
                 sent = plan.hit.entry.to_sender(m, dtype=model.dtype)
@@ -748,7 +951,7 @@ class Engine:
                 self._stats.prefix_query_tokens += n
                 self._stats.prefix_hit_tokens += m
         request.prefill_kind, request.cached_tokens = plan.kind, m
-        request.source_variant = plan.hit.variant if plan.hit else None
+        request.source_variant = plan.source
         request.group = plan.group
         request._kv, request._length = kv, n
         self._running[request.variant].append(request)
@@ -773,7 +976,87 @@ class Engine:
         entry = CacheEntry(
             self.base, request.variant, ids, [(k[:, :, :n], v[:, :, :n]) for k, v in kv], e_cache
         )
-        self.store.put(entry)
+        stored = self.store.put(entry)
+        if stored and isinstance(self.store, TieredStore) and self.node and self.node.alive:
+            self.store.publish(entry, self.node.address)  # peers may fetch it from here
+
+    # ---- fetches from peers ----------------------------------------------------------------
+
+    def _fetch(self, request: Request, plan: _Plan) -> None:
+        """Start fetching the cache `plan` locates from its peer (on the cache node's thread):
+        a same-variant entry whole, with the E caches this variant's siblings start at; a
+        sibling's with the pair's group recomputed as the E cache arrives."""
+        loc = plan.location
+        assert loc is not None and self.node is not None
+        if plan.kind == "same_variant":
+            e_layers = tuple(sorted(self._e_layers(request.variant)))
+            ask = FetchRequest((0, 0), loc.key, tuple(request.prompt[: loc.n]), e_layers)
+        else:
+            ask = FetchRequest(plan.group, loc.key, tuple(request.prompt[: plan.reuse]))
+        request.transfer = Transfer(
+            loc.address, loc.variant, plan.kind, plan.group or (0, 0), len(ask.tokens)
+        )
+        model = self.models[request.variant].model
+        try:
+            future = self.node.fetch(model, loc.host, loc.port, ask)
+        except RuntimeError as e:  # the node stopped since the plan was made
+            future = concurrent.futures.Future()
+            future.set_exception(TransferError(f"this node's cache node is not running: {e}"))
+        transfer = request.transfer
+
+        def ended(_: concurrent.futures.Future) -> None:
+            transfer.finished = time.perf_counter()
+            self._wake()
+
+        future.add_done_callback(ended)
+        self._fetching.append(_Fetch(request, plan, future))
+
+    def _fetched(self, f: _Fetch) -> _Plan:
+        """The plan to prefill with now that `f`'s fetch ended: on the fetched cache if it
+        arrived intact and is the prompt's, else the best without peers."""
+        request, plan, t = f.request, f.plan, f.request.transfer
+        assert t is not None and plan.location is not None
+        try:
+            got = f.future.result()
+            t.bytes = got.wire_bytes
+            t.e_arrived_s, t.transfer_s, t.total_s = got.e_arrived_s, got.transfer_s, got.total_s
+            t.recompute_start_s, t.recompute_end_s = got.recompute_start_s, got.recompute_end_s
+            if got.ids.reshape(-1).tolist() != request.prompt[: t.tokens]:
+                raise CorruptTransfer(
+                    f"the peer sent the cache of other tokens than the {t.tokens} asked"
+                )
+            if plan.kind == "same_variant":
+                entry = CacheEntry(self.base, request.variant, got.ids, got.kv, got.e_cache)
+                self._local.put(entry)  # the hot tier only: the peer is the published holder
+                done = dataclasses.replace(plan, hit=Hit(entry, entry.n, "peer"))
+            else:  # the hybrid of exactly the reused tokens (checked above)
+                done = dataclasses.replace(plan, kv=got.kv)
+        except Exception as e:  # never use a cache that did not arrive whole and checked
+            t.outcome, t.error = _outcome(e), f"{type(e).__name__}: {e}"
+            with self._lock:
+                self._stats.transfers[t.outcome] += 1
+            log.warning(
+                "fetching %s's cache for request %s from %s failed (%s): %s; prefilling without it",
+                t.variant,
+                request.id,
+                t.peer,
+                t.outcome,
+                e,
+            )
+            if t.outcome in ("peer_error", "unreachable") and isinstance(self.store, TieredStore):
+                # the peer lacks the entry or is gone: do not send other requests there
+                self.store.forget(plan.location)
+            return self._plan(request, remote=False)
+        t.outcome = "ok"
+        with self._lock:
+            self._stats.transfers["ok"] += 1
+            self._stats.transfer_bytes += t.bytes
+        return done
+
+    @property
+    def _local(self) -> LocalStore:
+        assert self.store is not None
+        return self.store.local if isinstance(self.store, TieredStore) else self.store
 
     def _decode(self, variant: str, rows: list[Request]) -> None:
         model = self.models[variant].model
@@ -849,6 +1132,10 @@ class Engine:
         for running in self._running.values():
             pending += running
             running.clear()
+        for f in self._fetching:
+            f.future.cancel()
+            pending.append(f.request)
+        self._fetching.clear()
         self._batches.clear()
         for r in pending:
             if not r.done:
@@ -856,6 +1143,21 @@ class Engine:
         with self._lock:
             self._stats.running = 0
             self._stats.kv_cache_bytes = 0
+
+
+def _outcome(error: BaseException) -> str:
+    """The :data:`TRANSFER_OUTCOMES` label of a failed fetch."""
+    if isinstance(error, TruncatedTransfer):
+        return "truncated"
+    if isinstance(error, CorruptTransfer | CorruptCache):
+        return "corrupt"
+    if isinstance(error, TransferTimeout | TimeoutError):
+        return "timeout"
+    if isinstance(error, PeerError):
+        return "peer_error"
+    if isinstance(error, TransferError):
+        return "unreachable"
+    return "error"
 
 
 def profiled_groups(max_loss: float = 0.02, **choose) -> Callable[[str, str], Group | None]:

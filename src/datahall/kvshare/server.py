@@ -58,6 +58,7 @@ from .engine import BadRequest, Engine, EngineError, EngineUnavailable, Request,
 
 __all__ = [
     "Tokenizer",
+    "ByteTokenizer",
     "TextStream",
     "create_app",
     "orca_report",
@@ -91,6 +92,33 @@ class Tokenizer(Protocol):
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool) -> str: ...
+
+
+class ByteTokenizer:
+    """A byte-level tokenizer for token-id models such as the tiny test decoders (vocabulary of
+    at least 256): token id = byte, a plain chat template (``role: content`` lines, then
+    ``assistant:``), no end-of-sequence token. A test and debug facility (``datahall kvshare
+    serve --tokenizer bytes``), not a real model's tokenizer: the tiny models' answers are
+    random bytes.
+
+    >>> t = ByteTokenizer()
+    >>> t.encode("hé", add_special_tokens=True), t.decode([104, 195, 169], skip_special_tokens=True)
+    ([104, 195, 169], 'hé')
+    """
+
+    eos_token_id: int | None = None
+
+    def apply_chat_template(
+        self, messages: list[dict], *, tokenize: bool = False, add_generation_prompt: bool = True
+    ) -> str:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + ("assistant:" if add_generation_prompt else "")
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
 def orca_report(metrics_format: str, named_metrics: Iterable[tuple[str, float]]) -> dict[str, str]:
@@ -221,6 +249,20 @@ class _EngineCollector:
         for kind, n in st.prefills.items():
             family.add_metric([kind], n)
         yield family
+        family = CounterMetricFamily(
+            "datahall:transfers",
+            "Cache fetches from peer nodes by outcome: ok, or why the cache was not used "
+            "(truncated, corrupt, timeout, peer_error, unreachable, error).",
+            labels=["outcome"],
+        )
+        for outcome, n in st.transfers.items():
+            family.add_metric([outcome], n)
+        yield family
+        yield CounterMetricFamily(
+            "datahall:transfer_bytes",
+            "Bytes of caches received from peer nodes.",
+            value=st.transfer_bytes,
+        )
 
 
 class _Service:

@@ -21,12 +21,17 @@ slice of the token dimension.
 
     preamble  b"DHKV", version u16, flags u16
     frame     kind u8, dtype u8, layer u16, ndim u8, 3 pad, dims 4×u32, nbytes u64,
-              blake2b-128 of (those fields + payload), crc32 of the header, payload
+              crc32 of the payload, crc32 of the header (those fields and the payload's crc),
+              payload
     entry     preamble | META (JSON) | IDS | K0 V0 … K(L−1) V(L−1) | E at each stored layer
               | blake2b-128 of everything before it
 
 A flipped bit or a missing byte anywhere is detected (:class:`CorruptCache`) and nothing of the
-entry is returned. ``dtype=torch.float16`` stores K/V and E in half the bytes: float16 keeps 11
+entry is returned. Frames carry crc32s, which catch every burst error of up to 32 bits and any
+other accidental damage but for one chance in 2³², at about four times blake2b's speed (the
+frames are what a transfer streams and checks as they arrive, so their check bounds its rate);
+a stored entry adds a blake2b-128 of the whole. Version 1 framed with blake2b-128 per frame and
+is refused as a version mismatch. ``dtype=torch.float16`` stores K/V and E in half the bytes: float16 keeps 11
 significant bits (relative error ≤ 2⁻¹¹ ≈ 4.9e-4 per value) and overflows past ±65504, so a
 receiver's hybrid cache is then close to but no longer bitwise the sender's; an entry with
 values out of range is kept in float32 instead. ``bfloat16`` keeps float32's range with 8 bits.
@@ -62,7 +67,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -80,6 +85,8 @@ __all__ = [
     "ECache",
     "CacheEntry",
     "Hit",
+    "Location",
+    "Shared",
     "StoreStats",
     "LocalStore",
     "RedisStore",
@@ -87,6 +94,7 @@ __all__ = [
     "block_hashes",
     "prefix_key",
     "encode_frame",
+    "frame_parts",
     "parse_header",
     "frame_tensor",
     "check_preamble",
@@ -99,11 +107,11 @@ log = logging.getLogger(__name__)
 BLOCK_TOKENS = 16
 """Tokens per hashed block, vLLM's default."""
 MAGIC = b"DHKV"
-VERSION = 1
+VERSION = 2
 PREAMBLE = struct.Struct("<4sHH")
 _FIELDS = struct.Struct("<BBHB3x4IQ")
 _DIGEST = 16
-FRAME_HEADER_BYTES = _FIELDS.size + _DIGEST + 4
+FRAME_HEADER_BYTES = _FIELDS.size + 8
 MAX_FRAME_BYTES = 1 << 34
 """Refuse frames claiming more than 16 GiB: a sane length is checked before it is read."""
 
@@ -159,7 +167,8 @@ class FrameHeader:
     layer: int
     shape: tuple[int, ...]
     nbytes: int
-    digest: bytes
+    crc: int
+    """The payload's crc32."""
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -170,8 +179,15 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def encode_frame(kind: Kind, layer: int, tensor: torch.Tensor) -> bytes:
-    """One frame: header (kind, dtype, layer, shape, length, blake2b of fields and payload,
-    crc32 of the header) followed by the tensor's bytes."""
+    """One frame: header (kind, dtype, layer, shape, length, crc32 of the payload, crc32 of
+    the header) followed by the tensor's bytes."""
+    return b"".join(frame_parts(kind, layer, tensor))
+
+
+def frame_parts(kind: Kind, layer: int, tensor: torch.Tensor) -> tuple[bytes, memoryview]:
+    """A frame as (header, payload): the payload is a view of the tensor's bytes (of a
+    contiguous copy if the tensor is not contiguous), so a writer can send it without joining
+    the two first."""
     if tensor.dtype not in _CODES:
         raise ValueError(f"cannot frame a {tensor.dtype} tensor; use one of {list(_CODES)}")
     if not 1 <= tensor.dim() <= 4:
@@ -183,10 +199,8 @@ def encode_frame(kind: Kind, layer: int, tensor: torch.Tensor) -> bytes:
     data = _tensor_bytes(tensor)
     dims = list(tensor.shape) + [0] * (4 - tensor.dim())
     fields = _FIELDS.pack(int(kind), _CODES[tensor.dtype], layer, tensor.dim(), *dims, data.nbytes)
-    h = hashlib.blake2b(fields, digest_size=_DIGEST)
-    h.update(data)
-    head = fields + h.digest()
-    return b"".join((head, struct.pack("<I", zlib.crc32(head)), data))
+    head = fields + struct.pack("<I", zlib.crc32(data))
+    return head + struct.pack("<I", zlib.crc32(head)), data
 
 
 def parse_header(buf: bytes | memoryview) -> FrameHeader:
@@ -212,31 +226,27 @@ def parse_header(buf: bytes | memoryview) -> FrameHeader:
         expect *= d
     if nbytes != expect or nbytes > MAX_FRAME_BYTES:
         raise CorruptCache(f"frame length {nbytes} does not match shape {shape} of {dtype}")
-    return FrameHeader(kind, dtype, layer, shape, nbytes, bytes(buf[_FIELDS.size : -4]))
+    (payload_crc,) = struct.unpack_from("<I", buf, _FIELDS.size)
+    return FrameHeader(kind, dtype, layer, shape, nbytes, payload_crc)
 
 
-def frame_tensor(header: FrameHeader, payload: bytes | memoryview) -> torch.Tensor:
-    """The frame's tensor, after checking the payload against the header's digest."""
-    payload = memoryview(payload)
-    if payload.nbytes != header.nbytes:
-        raise CorruptCache(f"frame payload is {payload.nbytes} bytes, header says {header.nbytes}")
-    dims = list(header.shape) + [0] * (4 - len(header.shape))
-    fields = _FIELDS.pack(
-        int(header.kind),
-        _CODES[header.dtype],
-        header.layer,
-        len(header.shape),
-        *dims,
-        header.nbytes,
-    )
-    h = hashlib.blake2b(fields, digest_size=_DIGEST)
-    h.update(payload)
-    if h.digest() != header.digest:
+def frame_tensor(
+    header: FrameHeader, payload: bytes | bytearray | memoryview, *, owned: bool = False
+) -> torch.Tensor:
+    """The frame's tensor, after checking the payload against the header's crc32. With
+    `owned` (a bytearray the caller hands over and never touches again) the tensor uses the
+    payload's memory instead of a copy."""
+    view = memoryview(payload)
+    if view.nbytes != header.nbytes:
+        raise CorruptCache(f"frame payload is {view.nbytes} bytes, header says {header.nbytes}")
+    if zlib.crc32(view) != header.crc:
         raise CorruptCache(
-            f"{header.kind.name} frame of layer {header.layer} fails its blake2b checksum"
+            f"{header.kind.name} frame of layer {header.layer} fails its crc32 checksum"
         )
     if header.nbytes == 0:
         return torch.empty(header.shape, dtype=header.dtype)
+    if owned and isinstance(payload, bytearray):
+        return torch.frombuffer(payload, dtype=header.dtype).reshape(header.shape)
     # a private copy: the tensor must not alias a caller's (possibly reused) buffer
     return torch.frombuffer(bytearray(payload), dtype=header.dtype).reshape(header.shape)
 
@@ -524,12 +534,14 @@ def serialize(entry: CacheEntry) -> bytes:
         "e_layers": list(entry.e_layers),
         "e_shape": list(next(iter(entry.e_cache.values())).shape) if entry.e_cache else None,
     }
-    parts = [PREAMBLE.pack(MAGIC, VERSION, 0), encode_frame(Kind.META, 0, _json_tensor(meta))]
-    parts.append(encode_frame(Kind.IDS, 0, entry.ids))
+    frames = [(Kind.META, 0, _json_tensor(meta)), (Kind.IDS, 0, entry.ids)]
     for i, (k, v) in enumerate(entry.kv):
-        parts += [encode_frame(Kind.K, i, k), encode_frame(Kind.V, i, v)]
-    parts += [encode_frame(Kind.E, i, entry.e_cache[i]) for i in entry.e_layers]
-    body = b"".join(parts)
+        frames += [(Kind.K, i, k), (Kind.V, i, v)]
+    frames += [(Kind.E, i, entry.e_cache[i]) for i in entry.e_layers]
+    parts: list[bytes | memoryview] = [PREAMBLE.pack(MAGIC, VERSION, 0)]
+    for frame in frames:
+        parts += frame_parts(*frame)
+    body = b"".join(parts)  # one copy of each payload
     return body + hashlib.blake2b(body, digest_size=_DIGEST).digest()
 
 
@@ -596,7 +608,8 @@ def deserialize(blob: bytes | bytearray | memoryview) -> CacheEntry:
 @dataclass
 class Hit:
     """A lookup's result: the stored entry, the length of the matched prefix, and the tier
-    that had it ("local" or "redis")."""
+    that had it ("local" or "redis"; "peer" for an entry an engine fetched from a peer
+    node)."""
 
     entry: CacheEntry
     n: int
@@ -788,13 +801,68 @@ class LocalStore:
 
 _FAILED = object()
 
+Shared = Literal["blob", "directory", "both"]
+"""What nodes share through Redis: whole entries (``"blob"``), directory records naming the
+node that holds each entry (``"directory"``: the receiver fetches it from that node's cache
+server, layer by layer), or both."""
+
+# delete a directory record only if it still is the one a receiver found stale (another node
+# may have published the key since)
+_FORGET = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A directory record found for a prompt: peer node `address` ("host:port" of its cache
+    server) holds the entry `key` of `variant`, `entry_n` tokens long, whose first `n` tokens
+    are the prompt's; it holds E caches at `e_layers`. `record` is the raw record (to forget
+    it when the peer turns out not to hold the entry any more)."""
+
+    base: str
+    variant: str
+    key: str
+    n: int
+    entry_n: int
+    address: str
+    e_layers: tuple[int, ...]
+    record: bytes = field(repr=False, default=b"")
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+
+def _location(raw: bytes | None, base: str, variant: str, key: str, m: int) -> Location | None:
+    if not raw:
+        return None
+    try:
+        obj = json.loads(raw)
+        address, n = str(obj["address"]), int(obj["n"])
+        e_layers = tuple(sorted(int(i) for i in obj.get("e_layers", ())))
+        int(address.rpartition(":")[2])
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring a malformed directory record for %s: %r", key, raw[:200])
+        return None
+    if n < m:
+        return None
+    return Location(base, variant, key, m, n, address, e_layers, raw)
+
 
 class RedisStore:
     """The shared tier: entries in a Redis server that several nodes use.
 
     Keys are ``{namespace}:{base}:{variant}:entry:{key}`` (the serialized entry) and
     ``{namespace}:{base}:{variant}:block:{key}`` (the entry key holding that prefix), all with
-    the TTL `ttl_s` when given. Redis being down never raises: the operation reports a miss (or
+    the TTL `ttl_s` when given. The *directory* (:meth:`publish`, :meth:`locate`) is the same
+    scheme without the bytes: ``...:dir:{key}`` holds a small JSON record naming the node
+    that holds the entry (its cache server's ``host:port``), its length and its E layers, and
+    ``...:dirblock:{key}`` points each prefix at it, with the same TTL. Redis being down never raises: the operation reports a miss (or
     False for a put), one warning is logged per outage, and Redis is left alone for a back-off
     (`retry_after_s`, doubling to `max_retry_after_s`) after which the next operation tries
     again. An entry that fails its checks is deleted and reported as a miss.
@@ -861,6 +929,16 @@ class RedisStore:
 
     def _block_key(self, base: str, variant: str, key: str) -> str:
         return f"{self.namespace}:{base}:{variant}:block:{key}"
+
+    def _dir_key(self, base: str, variant: str, key: str) -> str:
+        return f"{self.namespace}:{base}:{variant}:dir:{key}"
+
+    def _dir_block_key(self, base: str, variant: str, key: str) -> str:
+        return f"{self.namespace}:{base}:{variant}:dirblock:{key}"
+
+    def ping(self) -> bool:
+        """Whether Redis answers (an outage is logged once and backed off, as for any call)."""
+        return self._call(lambda r: r.ping()) is not _FAILED
 
     def _call(self, op: Callable[[Any], Any]) -> Any:
         """`op(client)`, or _FAILED when Redis is down, backing off, or refused it."""
@@ -995,37 +1073,160 @@ class RedisStore:
             return None
         return Hit(entry, m, "redis") if _matches(entry, toks, m, base, variant) else None
 
+    def publish(self, entry: CacheEntry, address: str) -> bool:
+        """Record in the directory that the node whose cache server is at `address` holds
+        `entry` (and so every prefix of it); False if Redis is unavailable."""
+        cands = _candidates(_tokens(entry.ids), entry.base, entry.variant, self.block_tokens, 1)
+        key = cands[0][0]
+        record = json.dumps(
+            {"address": address, "n": entry.n, "e_layers": list(entry.e_layers)}, sort_keys=True
+        )
+        px = None if self.ttl_s is None else max(1, int(self.ttl_s * 1000))
+
+        def op(r: Any) -> Any:
+            pipe = r.pipeline(transaction=False)
+            pipe.set(self._dir_key(entry.base, entry.variant, key), record, px=px)
+            for h, _ in cands:  # after the record: a pointer never precedes what it names
+                pipe.set(self._dir_block_key(entry.base, entry.variant, h), key, px=px)
+            return pipe.execute()
+
+        return self._call(op) is not _FAILED
+
+    def locate(
+        self,
+        tokens: Sequence[int] | torch.Tensor,
+        base: str,
+        variants: Sequence[str],
+        *,
+        min_tokens: int = 1,
+        exclude: str | None = None,
+    ) -> dict[str, Location]:
+        """Per variant, the directory record of the longest prefix of `tokens` (at least
+        `min_tokens` long) that some node other than `exclude` (an address) holds; two round
+        trips for all the variants. Empty when Redis is unavailable."""
+        toks = _tokens(tokens)
+        cands = {
+            v: _candidates(toks, base, v, self.block_tokens, max(1, min_tokens)) for v in variants
+        }
+        flat = [(v, h, m) for v, cs in cands.items() for h, m in cs]
+        if not flat:
+            return {}
+
+        def probe(r: Any) -> Any:
+            pipe = r.pipeline(transaction=False)
+            pipe.mget([self._dir_key(base, v, h) for v, h, _ in flat])
+            pipe.mget([self._dir_block_key(base, v, h) for v, h, _ in flat])
+            return pipe.execute()
+
+        found = self._call(probe)
+        if found is _FAILED:
+            return {}
+        exact, pointers = found
+        # the records the pointers name, unless already read as an exact record
+        records = {(v, h): raw for (v, h, _), raw in zip(flat, exact, strict=True) if raw}
+        wanted = []
+        for (v, _, _), pointer in zip(flat, pointers, strict=True):
+            if pointer and (v, pointer.decode(errors="replace")) not in records:
+                wanted.append((v, pointer.decode(errors="replace")))
+        wanted = list(dict.fromkeys(wanted))
+        if wanted:
+            more = self._call(lambda r: r.mget([self._dir_key(base, v, k) for v, k in wanted]))
+            if more is _FAILED:
+                return {}
+            records.update({w: raw for w, raw in zip(wanted, more, strict=True) if raw})
+        out: dict[str, Location] = {}
+        for (v, h, m), pointer in zip(flat, pointers, strict=True):
+            if v in out:
+                continue  # a longer prefix of this variant was found already
+            keys = [h] + ([pointer.decode(errors="replace")] if pointer else [])
+            for key in keys:
+                loc = _location(records.get((v, key)), base, v, key, m)
+                if loc is not None and loc.address != exclude:
+                    out[v] = loc
+                    break
+        return out
+
+    def forget(self, location: Location) -> bool:
+        """Delete a directory record found stale (the peer no longer holds the entry), unless
+        it has been published again since."""
+        name = self._dir_key(location.base, location.variant, location.key)
+        return self._call(lambda r: r.eval(_FORGET, 1, name, location.record)) not in (_FAILED, 0)
+
     def close(self) -> None:
         self.client.close()
 
 
 class TieredStore:
-    """The hot tier in front of the shared tier: a lookup asks the hot tier, then Redis for a
-    longer prefix only, and promotes a Redis hit into the hot tier; a put goes to both."""
+    """The hot tier in front of the shared tier. With `shared` ``"blob"`` (or ``"both"``) a
+    lookup asks the hot tier, then Redis for a longer prefix only, and promotes a Redis hit into
+    the hot tier, and a put goes to both. With ``"directory"`` (or ``"both"``) Redis holds
+    directory records instead (:meth:`publish`, :meth:`locate`): the node that stored an
+    entry serves it from its hot tier over a
+    :class:`~datahall.kvshare.transfer.CacheServer`."""
 
-    def __init__(self, local: LocalStore, remote: RedisStore | None = None):
+    def __init__(
+        self, local: LocalStore, remote: RedisStore | None = None, *, shared: Shared = "blob"
+    ):
         if remote is not None and remote.block_tokens != local.block_tokens:
             raise ValueError(
                 f"the tiers hash blocks of {local.block_tokens} and {remote.block_tokens} tokens; "
                 "use one block size"
             )
+        if shared not in ("blob", "directory", "both"):
+            raise ValueError(f"shared must be blob, directory or both, got {shared!r}")
         self.local = local
         self.remote = remote
+        self.shared: Shared = shared
 
     @property
     def block_tokens(self) -> int:
         return self.local.block_tokens
 
-    def put(self, entry: CacheEntry) -> None:
-        self.local.put(entry)
-        if self.remote is not None:
+    @property
+    def blobs(self) -> bool:
+        """Whether whole entries go through Redis."""
+        return self.remote is not None and self.shared != "directory"
+
+    @property
+    def directory(self) -> bool:
+        """Whether Redis holds directory records of the entries nodes hold."""
+        return self.remote is not None and self.shared != "blob"
+
+    def put(self, entry: CacheEntry) -> bool:
+        """Store `entry` in the hot tier (and as a blob in Redis in blob mode); whether the
+        hot tier took it."""
+        stored = self.local.put(entry)
+        if self.blobs:
             self.remote.put(entry)
+        return stored
+
+    def publish(self, entry: CacheEntry, address: str) -> bool:
+        """In directory mode, record that the node at `address` holds `entry`."""
+        return self.directory and self.remote.publish(entry, address)
+
+    def locate(
+        self,
+        tokens: Sequence[int] | torch.Tensor,
+        base: str,
+        variants: Sequence[str],
+        *,
+        min_tokens: int = 1,
+        exclude: str | None = None,
+    ) -> dict[str, Location]:
+        """In directory mode, :meth:`RedisStore.locate`; else nothing."""
+        if not self.directory:
+            return {}
+        return self.remote.locate(tokens, base, variants, min_tokens=min_tokens, exclude=exclude)
+
+    def forget(self, location: Location) -> bool:
+        return self.directory and self.remote.forget(location)
 
     def lookup(self, tokens: Sequence[int] | torch.Tensor, base: str, variant: str) -> Hit | None:
-        """The longest prefix of `tokens` that `variant` produced, from either tier."""
+        """The longest prefix of `tokens` that `variant` produced, from the hot tier or (blob
+        mode) Redis."""
         toks = _tokens(tokens)
         hit = self.local.lookup(toks, base, variant)
-        if self.remote is None:
+        if not self.blobs:
             return hit
         longer = self.remote.lookup(toks, base, variant, min_tokens=hit.n + 1 if hit else 1)
         if longer is None:
