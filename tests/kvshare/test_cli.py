@@ -65,3 +65,11 @@ def test_auto_group_without_a_group_in_budget_is_one_line(cli, smollm2_dir):
     """The shipped coder-mid profile has no group within 2%: `--group auto` says so."""
     code, _, err = cli("kvshare", "run", "smollm2", "coder-mid", "-c", CONTEXT)
     one_line_error(code, err, "no profiled group of smollm2 -> coder-mid", "--max-group")
+
+
+def test_run_has_a_default_context(cli, smollm2_dir):
+    code, stdout, err = cli(
+        "kvshare", "run", "smollm2", "smollm2", "-g", "25,30", "-n", "2", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(stdout)["context_tokens"] > 500
