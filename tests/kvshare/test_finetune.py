@@ -244,6 +244,24 @@ def test_a_corrupted_cache_entry_is_deleted_and_the_packaged_adapter_used(tmp_pa
         find_adapter("dict")
 
 
+def test_a_cached_adapter_of_an_older_spec_is_not_used(tmp_path, monkeypatch):
+    _, good = saved(tmp_path / "packaged", name="dict")
+    monkeypatch.setattr(ft, "PACKAGED", tmp_path / "packaged")
+    monkeypatch.setenv("DATAHALL_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "adapters" / "dict"
+    cached.mkdir(parents=True)
+    for f in good.iterdir():
+        (cached / f.name).write_bytes(f.read_bytes())
+    marker = json.loads((cached / "datahall.json").read_text())
+    spec = VARIANTS["dict"].fingerprint(25)
+    (cached / "datahall.json").write_text(json.dumps({**marker, "spec": spec}))
+    assert find_adapter("dict")[2] == "cache"  # this spec, fewer steps (--steps 25): used
+    stale = {**spec, "layers": [0, 4]}
+    (cached / "datahall.json").write_text(json.dumps({**marker, "spec": stale}))
+    assert find_adapter("dict")[2] == "packaged"
+    assert not any(cached.iterdir())
+
+
 def test_an_unknown_variant_names_the_variants():
     with pytest.raises(ModelError, match="coder, docs, dict"):
         load_variant("nope")

@@ -638,14 +638,21 @@ def find_adapter(name: str) -> tuple[Path, dict[str, Any], str]:
     """(folder, marker, ``"cache"`` or ``"packaged"``) of variant `name`'s adapter.
 
     The cache (``cache_dir()/adapters/<name>``, written by :func:`finetune`) wins if complete;
-    a corrupted cache entry is deleted, not trusted, and the packaged adapter is used."""
-    _spec(name)
+    a corrupted cache entry, or one trained under another spec of `name`, is deleted, not
+    trusted, and the packaged adapter is used."""
+    spec = _spec(name)
     cached = cache_dir() / "adapters" / name
     if (cached / MARKER).exists() or (cached / WEIGHTS).exists():
         try:
-            return cached, verify_adapter(cached), "cache"
+            marker = verify_adapter(cached)
+            trained = marker.get("spec")
+            # an adapter trained under an older spec of this name (other corpus, band or LoRA
+            # shape) is stale: same treatment as a corrupted one
+            if trained is None or trained == spec.fingerprint(trained.get("steps")):
+                return cached, marker, "cache"
         except ModelError:
-            _discard(cached)
+            pass
+        _discard(cached)
     packaged = PACKAGED / name
     try:
         return packaged, verify_adapter(packaged), "packaged"
