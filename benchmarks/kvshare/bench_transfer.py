@@ -138,29 +138,18 @@ def main() -> None:
         ["link", "achieved", "transfer", "recompute", "serial", "pipelined", "pipelined / max"],
         rows,
     )
-    top = data[RATES[-1]]
-    goals = [
+    goals = [  # the goal's rate first; the slower links are context
         Goal(
-            f"pipelined prefix at {RATES[-1]} vs max(transfer, recompute)",
+            f"pipelined prefix at {rate} vs max(transfer, recompute)"
+            + ("" if rate == RATES[-1] else " (context)"),
             "<= 1.2x",
-            top["pipelined_s"],
+            data[rate]["pipelined_s"],
             "s",
-            top["pipelined_over_bound"] <= 1.2,
-            baseline=top["serial_s"],
+            data[rate]["pipelined_over_bound"] <= 1.2,
+            baseline=data[rate]["serial_s"],
         )
+        for rate in reversed(RATES)
     ]
-    for rate in RATES[:-1]:
-        d = data[rate]
-        goals.append(
-            Goal(
-                f"pipelined prefix at {rate} vs max(transfer, recompute) (context)",
-                "<= 1.2x",
-                d["pipelined_s"],
-                "s",
-                d["pipelined_over_bound"] <= 1.2,
-                baseline=d["serial_s"],
-            )
-        )
     report("kvshare", "transfer", goals, {"group": list(group), "rates": data})
 
 

@@ -24,10 +24,10 @@ as soon as the E cache is in. A serving node runs both sides on a :class:`CacheN
 (``sock_recv_into``: no copy after the kernel's), the sender writes header and payload without
 joining them, and frames carry crc32s (about 4× blake2b's speed here). On the 2-core test
 machine, idle, a 44.8 MB SmolLM2-shaped cache (30 layers of K/V and one E cache, 1024 tokens)
-moves unpaced at about 17.5 Gb/s between two processes (two nodes) and 9 Gb/s with both ends
-on one event loop (blake2b frames read through asyncio streams: 3.7 and 2.2 Gb/s). The two
-checksum passes and Python's loop bound it there: a :class:`Link` of 10 Gb/s delivers 8.9 Gb/s
-over such a fetch (connection and first frame included), one of 25 Gb/s only 13.7, which
+moved unpaced at 10–17.5 Gb/s between two processes (two nodes; medians of two runs) and
+9 Gb/s with both ends on one event loop (blake2b frames read through asyncio streams: 3.7 and
+2.2 Gb/s). The two checksum passes and Python's loop bound it there: a :class:`Link` of
+25 Gb/s delivered 8–14 Gb/s over such a fetch (connection and first frame included), which
 measures the machine, not the link.
 
 A :class:`Link` emulates the network between nodes: a bandwidth cap (a token bucket paced in
