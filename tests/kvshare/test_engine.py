@@ -310,6 +310,10 @@ def test_stop_tokens_and_limits(models):
     s = e.submit(DOC[:9], "a", max_new_tokens=10, stop=[r.output[i]])
     run(e)
     assert s.output == r.output[:i] and s.finish_reason == "stop"
+    first = e.submit(DOC[:9], "a", max_new_tokens=10, stop=[r.output[0]])
+    run(e)
+    # stopped at once: no text, but the first token was still made (TTFT as vLLM counts it)
+    assert first.output == [] and first.finish_reason == "stop" and first.ttft > 0
 
 
 def test_kv_budget_queues_requests(models):

@@ -1104,6 +1104,8 @@ class Engine:
         p = request.params
         token = _pick(logits, p.temperature, p.top_p, request._generator)
         now = time.perf_counter()
+        if request.first_token_time is None:
+            request.first_token_time = now  # a stop token too is a first token (as vLLM counts)
         if token in p.stop:
             self._running[request.variant].remove(request)
             self._finish(request, "stop")
