@@ -49,7 +49,7 @@ from ..goals import Goal, report
 AGENTS = (BASE, "docs-top", "coder-top", "dict-top")
 MODES = tuple(os.environ.get("KVSHARE_SERVE_MODES", "none,prefix,droidspeak").split(","))
 DOCUMENTS = int(os.environ.get("KVSHARE_SERVE_DOCUMENTS", "8"))
-LADDER = (0.2, 0.3, 0.45, 0.68, 1.0, 1.5, 2.25, 3.4)  # calls per second, x1.5
+LADDER = (0.2, 0.3, 0.45, 0.68, 1.0, 1.5, 2.25, 3.4, 5.1, 7.6)  # calls per second, x1.5
 RATES = tuple(float(r) for r in os.environ.get("KVSHARE_SERVE_RATES", "").split(",") if r) or LADDER
 CONTEXT_TOKENS = 1024
 THINK_S = 0.5  # mean think time between one agent's answer and the next agent's call

@@ -4,8 +4,6 @@ uvicorn on 127.0.0.1. Tiny random models and a byte-level fake tokenizer (second
 
 import asyncio
 import json
-import socket
-import threading
 import time
 
 import pytest
@@ -18,6 +16,7 @@ pytest.importorskip("prometheus_client")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from datahall.core.http import serve_in_thread  # noqa: E402
 from datahall.kvshare.engine import Engine  # noqa: E402
 from datahall.kvshare.models import Model, architecture, tiny  # noqa: E402
 from datahall.kvshare.server import TextStream, create_app  # noqa: E402
@@ -293,24 +292,8 @@ def test_errors_are_openai_json(app, path, body, status, code, param):
 @pytest.fixture(scope="module")
 def server(engine):
     """A real uvicorn serving the app on 127.0.0.1 in a thread."""
-    uvicorn = pytest.importorskip("uvicorn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(engine, TOK, NAMES), host="127.0.0.1", port=port, log_level="warning"
-    )
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if not srv.started:
-        pytest.skip("uvicorn did not start on 127.0.0.1 within 10 s")
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with serve_in_thread(create_app(engine, TOK, NAMES)) as url:
+        yield url
 
 
 def wait_aborts(engine, n, timeout=10):
