@@ -129,6 +129,23 @@ def test_a_bad_url_points_at_its_line():
     ]
 
 
+def test_an_orca_metric_name_that_gives_no_utilization_points_at_its_line():
+    lines = errors_of(
+        """\
+        backends: [{url: 'http://127.0.0.1:8001'}]
+        routing:
+          orca:
+            metric_names_for_computing_utilization: [named_metrics.kv, gpu_util]
+        """
+    )
+    assert lines == [
+        "gateway.yaml:4: routing.orca.metric_names_for_computing_utilization: metric name "
+        "'gpu_util' cannot give a utilization; use one of cpu_utilization, mem_utilization, "
+        "application_utilization or named_metrics.<name>, utilization.<name>, "
+        "request_cost.<name>"
+    ]
+
+
 def test_every_error_is_listed_in_line_order():
     lines = errors_of(
         """\

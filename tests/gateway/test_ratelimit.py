@@ -18,17 +18,6 @@ from datahall.gateway.ratelimit import (
 )
 from datahall.gateway.transform import PolicyError
 
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 KEY = {"key:app": RateLimit(tokens_per_minute=600)}  # refills 10 tokens per second
 
 
@@ -108,8 +97,7 @@ def test_limits_are_positive():
 # --- bucket arithmetic under a fake clock -------------------------------------------------------
 
 
-def test_admit_deny_retry_after_exact_values():
-    clock = FakeClock()
+def test_admit_deny_retry_after_exact_values(clock):
     limiter = TokenRateLimiter(clock=clock)
     first = limiter.acquire(KEY, estimate=500)
     assert first.allowed
@@ -151,16 +139,14 @@ def test_admit_deny_retry_after_exact_values():
     ok.raise_for_limit()
 
 
-def test_bucket_refills_to_capacity_and_no_further():
-    clock = FakeClock()
+def test_bucket_refills_to_capacity_and_no_further(clock):
     limiter = TokenRateLimiter(clock=clock)
     limiter.acquire(KEY, estimate=600)
     clock.now += 3600
     assert limiter.acquire(KEY, estimate=1).headers["x-ratelimit-remaining-tokens"] == "599"
 
 
-def test_reconcile_charges_the_real_usage():
-    clock = FakeClock()
+def test_reconcile_charges_the_real_usage(clock):
     limiter = TokenRateLimiter(clock=clock)
     taken = limiter.acquire(KEY, estimate=100)
     # 100 estimated, 400 used: 300 more come off the bucket (600 - 400 = 200 left)
@@ -178,8 +164,7 @@ def test_reconcile_charges_the_real_usage():
     assert limiter.acquire(KEY, estimate=0).headers["x-ratelimit-remaining-tokens"] == "600"
 
 
-def test_debt_after_reconcile_makes_the_next_request_wait():
-    clock = FakeClock()
+def test_debt_after_reconcile_makes_the_next_request_wait(clock):
     limiter = TokenRateLimiter(clock=clock)
     taken = limiter.acquire(KEY, estimate=500)
     limiter.reconcile(taken.reservation, 900)  # 300 in debt
@@ -189,16 +174,14 @@ def test_debt_after_reconcile_makes_the_next_request_wait():
     assert denied.headers["x-ratelimit-reset-tokens"] == "1m30s"  # 900 tokens to full
 
 
-def test_a_prompt_larger_than_the_budget_runs_once_the_bucket_is_full():
-    clock = FakeClock()
+def test_a_prompt_larger_than_the_budget_runs_once_the_bucket_is_full(clock):
     limiter = TokenRateLimiter(clock=clock)
     assert limiter.acquire(KEY, estimate=1500).allowed  # needs a full bucket, not 1500
     denied = limiter.acquire(KEY, estimate=1500)
     assert denied.retry_after_s == 150.0  # 900 in debt + 600 to fill, at 10/s
 
 
-def test_requests_per_minute():
-    clock = FakeClock()
+def test_requests_per_minute(clock):
     limiter = TokenRateLimiter(clock=clock)
     limits = {"key:app": RateLimit(requests_per_minute=2)}
     a, b, c = (limiter.acquire(limits, estimate=10) for _ in range(3))
@@ -214,8 +197,7 @@ def test_requests_per_minute():
     assert limiter.acquire(limits, estimate=10).allowed
 
 
-def test_key_and_tenant_are_all_or_nothing():
-    clock = FakeClock()
+def test_key_and_tenant_are_all_or_nothing(clock):
     limiter = TokenRateLimiter(clock=clock)
     tenant = {"tenant:acme": RateLimit(tokens_per_minute=1000)}
     a = {"key:a": RateLimit(tokens_per_minute=600), **tenant}
@@ -259,8 +241,8 @@ def test_size_limits():
 # --- Redis ------------------------------------------------------------------------------------
 
 
-def test_redis_limiter_is_shared_by_two_replicas(redis_server):
-    clock = FakeClock(1_700_000_000.0)
+def test_redis_limiter_is_shared_by_two_replicas(redis_server, clock):
+    clock.now = 1_700_000_000.0
     a = RedisTokenRateLimiter(redis_server.url, clock=clock, prefix="t1")
     b = RedisTokenRateLimiter(redis_server.url, clock=clock, prefix="t1")
     limits = {"key:app": RateLimit(tokens_per_minute=600, requests_per_minute=100)}
@@ -286,8 +268,7 @@ def test_redis_clock_is_used_when_none_is_given(redis_server):
     assert not denied.allowed and 29.0 < denied.retry_after_s <= 30.0
 
 
-def test_redis_outage_falls_back_to_the_local_bucket_and_logs(redis_server, caplog):
-    clock = FakeClock()
+def test_redis_outage_falls_back_to_the_local_bucket_and_logs(redis_server, caplog, clock):
     limiter = RedisTokenRateLimiter(redis_server.url, clock=clock, prefix="t3", retry_s=0)
     assert limiter.acquire(KEY, estimate=100).reservation.store == "redis"
     redis_server.stop()
@@ -308,9 +289,9 @@ def test_redis_outage_falls_back_to_the_local_bucket_and_logs(redis_server, capl
     assert any("is back" in r.getMessage() for r in caplog.records)
 
 
-def test_unreachable_redis_is_not_an_error():
+def test_unreachable_redis_is_not_an_error(clock):
     pytest.importorskip("redis")
-    limiter = RedisTokenRateLimiter("redis://127.0.0.1:1/0", clock=FakeClock(), timeout_s=0.2)
+    limiter = RedisTokenRateLimiter("redis://127.0.0.1:1/0", clock=clock, timeout_s=0.2)
     decision = limiter.acquire(KEY, estimate=600)
     assert decision.allowed and decision.reservation.store == "local"
     assert not limiter.acquire(KEY, estimate=10).allowed  # the local bucket is empty

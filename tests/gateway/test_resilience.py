@@ -26,15 +26,6 @@ from datahall.gateway.resilience import (
 )
 from datahall.gateway.routing import Endpoint, NoEndpoint, RequestInfo, Router
 
-
-class FakeClock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 VLLM_METRICS = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -64,8 +55,7 @@ vllm:prompt_tokens_total{model_name="llama"} 1234.0
 # --- circuit breaker ---------------------------------------------------------------------------
 
 
-def test_breaker_opens_after_consecutive_failures_for_the_cooldown():
-    clock = FakeClock()
+def test_breaker_opens_after_consecutive_failures_for_the_cooldown(clock):
     b = CircuitBreaker(failure_threshold=3, cooldown=30.0, clock=clock)
     b.record_failure()
     b.record_failure()
@@ -81,8 +71,7 @@ def test_breaker_opens_after_consecutive_failures_for_the_cooldown():
     assert b.state() == "half_open" and b.allows()
 
 
-def test_half_open_admits_one_probe_and_its_outcome_decides():
-    clock = FakeClock()
+def test_half_open_admits_one_probe_and_its_outcome_decides(clock):
     b = CircuitBreaker(failure_threshold=1, cooldown=5.0, clock=clock)
     b.record_failure()
     clock.now = 5.0
@@ -97,8 +86,8 @@ def test_half_open_admits_one_probe_and_its_outcome_decides():
 
 
 @pytest.mark.parametrize("seconds", [0.5, 7.0, 120.0])
-def test_retry_after_opens_the_breaker_for_exactly_that_duration(seconds):
-    clock = FakeClock(1000.0)
+def test_retry_after_opens_the_breaker_for_exactly_that_duration(seconds, clock):
+    clock.now = 1000.0
     b = CircuitBreaker(failure_threshold=5, cooldown=30.0, clock=clock)
     b.record_failure(retry_after=seconds)  # one 429 suffices, whatever the threshold
     assert b.state() == "open"
@@ -108,8 +97,7 @@ def test_retry_after_opens_the_breaker_for_exactly_that_duration(seconds):
     assert b.allows()
 
 
-def test_a_late_failure_does_not_extend_an_open_breaker_but_a_newer_retry_after_wins():
-    clock = FakeClock()
+def test_a_late_failure_does_not_extend_an_open_breaker_but_a_newer_retry_after_wins(clock):
     b = CircuitBreaker(failure_threshold=1, cooldown=10.0, clock=clock)
     b.record_failure()
     clock.now = 5.0
@@ -117,6 +105,18 @@ def test_a_late_failure_does_not_extend_an_open_breaker_but_a_newer_retry_after_
     assert b.open_until == 10.0
     b.record_failure(retry_after=1.0)
     assert b.open_until == 6.0
+
+
+def test_a_late_success_does_not_close_an_open_breaker(clock):
+    b = CircuitBreaker(clock=clock)
+    b.record_failure(retry_after=30.0)  # a 429 with Retry-After: 30
+    clock.now = 1.0
+    b.record_success()  # a request sent before the 429 answers fine
+    assert (b.state(), b.open_until) == ("open", 30.0)
+    clock.now = 30.0
+    b.on_start()
+    b.record_success()  # the half-open probe
+    assert b.state() == "closed"
 
 
 def test_breaker_rejects_bad_settings():
@@ -156,6 +156,10 @@ def test_parse_vllm_metrics_older_name_and_missing_gauges():
     assert parse_vllm_metrics("other_metric 1\n").num_requests_waiting is None
     with pytest.raises(ValueError):
         parse_vllm_metrics("vllm:num_requests_waiting{broken 3\n")
+    # only the load gauges' lines are parsed: a bad line of another metric is not read
+    assert parse_vllm_metrics("vllm:e2e{broken 3\n  vllm:num_requests_waiting 2\n") == (
+        VllmMetrics(num_requests_waiting=2.0)
+    )
 
 
 # --- a tiny backend over real HTTP -------------------------------------------------------------
@@ -242,9 +246,9 @@ def test_the_health_task_polls_on_its_interval(backend):
     assert asyncio.run(asyncio.wait_for(main(), 10)) >= 3
 
 
-def test_the_scraper_feeds_the_router(backend):
+def test_the_scraper_feeds_the_router(backend, clock):
     url, state = backend
-    clock = FakeClock(10.0)
+    clock.now = 10.0
     endpoint, idle = Endpoint(url), Endpoint("http://idle.invalid")
     router = Router([endpoint, idle], "kv-aware", clock=clock, metrics_ttl=1.0)
 
@@ -316,8 +320,7 @@ def test_retry_policy_matrix():
         RetryPolicy(max_attempts=0)
 
 
-def _router_and_send(failures: dict[str, Exception]):
-    clock = FakeClock()
+def _router_and_send(failures: dict[str, Exception], clock):
     eps = [Endpoint(f"http://e{i}") for i in range(4)]
     router = Router(eps, "round-robin", clock=clock)
     sent: list[str] = []
@@ -338,12 +341,12 @@ def _router_and_send(failures: dict[str, Exception]):
     return router, eps, sent, send
 
 
-def test_send_with_retries_moves_to_other_endpoints():
+def test_send_with_retries_moves_to_other_endpoints(clock):
     failures = {
         "http://e0": httpx.ConnectError("refused"),
         "http://e1": UpstreamStatusError(429, retry_after=5.0),
     }
-    router, eps, sent, send = _router_and_send(failures)
+    router, eps, sent, send = _router_and_send(failures, clock)
     info = RequestInfo()
     result = asyncio.run(
         send_with_retries(RetryPolicy(), lambda tried: router.pick(info, exclude=tried), send)
@@ -354,9 +357,9 @@ def test_send_with_retries_moves_to_other_endpoints():
     assert eps[1].breaker.retry_in(router.clock()) == 5.0
 
 
-def test_send_with_retries_is_bounded_and_raises_the_last_upstream_error():
+def test_send_with_retries_is_bounded_and_raises_the_last_upstream_error(clock):
     failures = {f"http://e{i}": UpstreamStatusError(503) for i in range(4)}
-    router, eps, sent, send = _router_and_send(failures)
+    router, eps, sent, send = _router_and_send(failures, clock)
     with pytest.raises(UpstreamStatusError):
         asyncio.run(
             send_with_retries(
@@ -368,8 +371,8 @@ def test_send_with_retries_is_bounded_and_raises_the_last_upstream_error():
     assert len(sent) == 2 and len(set(sent)) == 2
 
 
-def test_send_with_retries_does_not_retry_client_errors_and_stops_when_no_endpoint_is_left():
-    router, eps, sent, send = _router_and_send({"http://e0": UpstreamStatusError(400)})
+def test_send_with_retries_does_not_retry_client_errors_and_stops_when_no_endpoint_is_left(clock):
+    router, eps, sent, send = _router_and_send({"http://e0": UpstreamStatusError(400)}, clock)
     with pytest.raises(UpstreamStatusError):
         asyncio.run(
             send_with_retries(RetryPolicy(), lambda t: router.pick(RequestInfo(), exclude=t), send)
@@ -377,7 +380,7 @@ def test_send_with_retries_does_not_retry_client_errors_and_stops_when_no_endpoi
     assert sent == ["http://e0"]
 
     failures = {f"http://e{i}": httpx.ConnectError("refused") for i in range(4)}
-    router, eps, sent, send = _router_and_send(failures)
+    router, eps, sent, send = _router_and_send(failures, clock)
     with pytest.raises(httpx.ConnectError):  # the upstream error, not NoEndpoint
         asyncio.run(
             send_with_retries(

@@ -31,14 +31,6 @@ from datahall.gateway.routing import (
 )
 
 
-class FakeClock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def endpoints(n: int, **kw) -> list[Endpoint]:
     return [Endpoint(f"http://e{i}", **kw) for i in range(n)]
 
@@ -60,8 +52,7 @@ def test_queue_and_kv_oracles():
     assert kv_cache_score(0.4) == 0.6
 
 
-def test_oracles_through_the_router_with_scraped_metrics():
-    clock = FakeClock()
+def test_oracles_through_the_router_with_scraped_metrics(clock):
     eps = endpoints(3)
     # GIE's saturation detector would drop the queue of 10 (> 5): raise its limit here
     router = Router(eps, "kv-aware", clock=clock, saturation=Saturation(queue_depth=128))
@@ -81,8 +72,7 @@ def test_lora_affinity_values():
     assert lora_affinity_score("a", {"b", "c"}, set(), 2) == 0.0
 
 
-def test_lora_affinity_sends_an_adapter_where_it_is_active():
-    clock = FakeClock()
+def test_lora_affinity_sends_an_adapter_where_it_is_active(clock):
     eps = endpoints(3)
     router = Router(eps, "kv-aware", clock=clock)
     eps[0].observe_metrics(scraped(0, 0.1, max_lora=1, running_lora_adapters=("chat",)), 0.0)
@@ -110,19 +100,17 @@ loads = st.tuples(
     st.integers(0, 3),
 )
 def test_every_scorer_stays_in_unit_interval(states, adapter, shared_blocks):
-    clock = FakeClock(100.0)
+    now = 100.0
     eps = endpoints(len(states))
     for e, (waiting, kv, in_flight, has_scrape) in zip(eps, states, strict=True):
         e.in_flight = in_flight
         if has_scrape:
-            e.observe_metrics(
-                scraped(waiting, kv, max_lora=1, running_lora_adapters=("a",)), clock.now
-            )
+            e.observe_metrics(scraped(waiting, kv, max_lora=1, running_lora_adapters=("a",)), now)
     scorers = [factory() for factory in SCORERS.values()]
-    router = Router(eps, compose({s: 1.0 for s in scorers}), clock=clock)
+    router = Router(eps, compose({s: 1.0 for s in scorers}), clock=lambda: now)
     # teach the prefix index something about one endpoint
     info = RequestInfo(model="m", adapter=adapter, prompt="x" * 64 * 4)
-    ctx = PickContext(info, clock.now, router)
+    ctx = PickContext(info, now, router)
     seen = ctx.hashes()[:shared_blocks]
     for s in scorers:
         if hasattr(s, "index"):
@@ -162,7 +150,7 @@ endpoint_specs = st.lists(
     st.integers(1, 5),
 )
 def test_picks_obey_the_hard_rules(specs, policy, excluded, pool, priority, rounds):
-    clock = FakeClock(50.0)
+    now = 50.0
     eps = []
     for i, spec in enumerate(specs):
         e = Endpoint(
@@ -171,14 +159,14 @@ def test_picks_obey_the_hard_rules(specs, policy, excluded, pool, priority, roun
             priority=spec["priority"],
             models=frozenset() if spec["model"] is None else {spec["model"]},
             max_in_flight=spec["cap"],
-            breaker=CircuitBreaker(clock=clock),
+            breaker=CircuitBreaker(clock=lambda: now),
         )
         e.healthy = spec["healthy"]
         e.in_flight = spec["in_flight"]
         if spec["broken"]:
-            e.breaker.trip(30.0, now=clock.now)
+            e.breaker.trip(30.0, now=now)
         eps.append(e)
-    router = Router(eps, policy, clock=clock)
+    router = Router(eps, policy, clock=lambda: now)
     exclude = [eps[i].url for i in excluded if i < len(eps)]
     info = RequestInfo(model="m", pool=pool, priority=priority, session_id="s1", prompt=PROMPT)
 
@@ -186,7 +174,7 @@ def test_picks_obey_the_hard_rules(specs, policy, excluded, pool, priority, roun
         return (
             e.url not in exclude
             and e.healthy
-            and e.breaker.allows(clock.now)
+            and e.breaker.allows(now)
             and (pool is None or e.pool == pool)
             and e.serves("m")
         )
@@ -217,9 +205,9 @@ def test_picks_obey_the_hard_rules(specs, policy, excluded, pool, priority, roun
 
 
 @pytest.mark.parametrize("policy", ["kv-aware", "prefix-load", "least-request"])
-def test_a_burst_on_tied_endpoints_is_spread_round_robin(policy):
+def test_a_burst_on_tied_endpoints_is_spread_round_robin(policy, clock):
     eps = endpoints(4)
-    router = Router(eps, policy, clock=FakeClock())
+    router = Router(eps, policy, clock=clock)
     # no on_start between the picks: every pick sees the same, tied, scores
     picks = [router.pick(RequestInfo(model="m")).url for _ in range(8)]
     assert picks == [e.url for e in eps] * 2
@@ -259,10 +247,10 @@ def test_p2c_is_seeded_and_balances_a_burst():
 # --- prefix affinity with its load gate -------------------------------------------------------
 
 
-def test_repeated_prefix_sticks_to_one_endpoint_until_the_gate_diverts_it():
+def test_repeated_prefix_sticks_to_one_endpoint_until_the_gate_diverts_it(clock):
     eps = endpoints(3)
     profile = compose({"queue": 1, "kv": 1, "prefix": 3}, filters=[LoadGapFilter(2)])
-    router = Router(eps, profile, clock=FakeClock())
+    router = Router(eps, profile, clock=clock)
     info = RequestInfo(model="m", prompt=PROMPT + "question 1")
     picks = []
     for _ in range(12):
@@ -277,9 +265,9 @@ def test_repeated_prefix_sticks_to_one_endpoint_until_the_gate_diverts_it():
     assert eps[0].last_scores["prefix"] == 1.0
 
 
-def test_prefix_affinity_without_load_keeps_the_endpoint():
+def test_prefix_affinity_without_load_keeps_the_endpoint(clock):
     eps = endpoints(4)
-    router = Router(eps, "prefix-load", clock=FakeClock())
+    router = Router(eps, "prefix-load", clock=clock)
     first = router.pick(RequestInfo(model="m", prompt=PROMPT + "q0"))
     router.on_start(first)
     router.on_finish(first)
@@ -299,9 +287,9 @@ def test_every_profile_with_prefix_affinity_is_gated():
     assert any(f.is_load_gate for f in Profile("x", scorers=[(SCORERS["prefix"](), 5)]).filters)
 
 
-def test_loadaware_prefix_moves_away_from_a_hot_endpoint():
+def test_loadaware_prefix_moves_away_from_a_hot_endpoint(clock):
     eps = endpoints(2)
-    router = Router(eps, "prefix-loadaware", clock=FakeClock())
+    router = Router(eps, "prefix-loadaware", clock=clock)
     info = RequestInfo(model="m", prompt=PROMPT)
     picks = []
     for _ in range(6):
@@ -315,9 +303,9 @@ def test_loadaware_prefix_moves_away_from_a_hot_endpoint():
 # --- session affinity with bounded load -------------------------------------------------------
 
 
-def test_session_affinity_sticks_and_spills_within_the_bound():
+def test_session_affinity_sticks_and_spills_within_the_bound(clock):
     eps = endpoints(4)
-    router = Router(eps, "session", clock=FakeClock())
+    router = Router(eps, "session", clock=clock)
     picker = router.profile.picker
     assert isinstance(picker, ConsistentHashPicker)
     home = router.pick(RequestInfo(session_id="alice"))
@@ -336,9 +324,9 @@ def test_session_affinity_sticks_and_spills_within_the_bound():
     assert sum(x.in_flight > 0 for x in eps) >= 3  # it spilled, along the ring
 
 
-def test_sessions_spread_over_endpoints_and_no_key_falls_back():
+def test_sessions_spread_over_endpoints_and_no_key_falls_back(clock):
     eps = endpoints(4)
-    router = Router(eps, "session", clock=FakeClock())
+    router = Router(eps, "session", clock=clock)
     homes = {router.pick(RequestInfo(session_id=f"user{i}")).url for i in range(40)}
     assert len(homes) == 4
     assert [router.pick(RequestInfo()).url for _ in range(4)] == [e.url for e in eps]
@@ -347,8 +335,7 @@ def test_sessions_spread_over_endpoints_and_no_key_falls_back():
 # --- priority and fallback pools --------------------------------------------------------------
 
 
-def test_priority_tiers_fall_back_when_the_first_is_down_or_saturated():
-    clock = FakeClock()
+def test_priority_tiers_fall_back_when_the_first_is_down_or_saturated(clock):
     primary = [Endpoint("http://p0", max_in_flight=1), Endpoint("http://p1", max_in_flight=1)]
     backup = Endpoint("http://backup", priority=1)
     router = Router([*primary, backup], "least-request", clock=clock)
@@ -377,8 +364,7 @@ def test_sheddable_requests_are_refused_when_all_are_saturated():
     assert router.pick(RequestInfo(priority="critical")) in eps
 
 
-def test_saturation_from_server_reports():
-    clock = FakeClock()
+def test_saturation_from_server_reports(clock):
     eps = endpoints(2)
     eps.append(Endpoint("http://spare", priority=1))
     router = Router(eps, "kv-aware", clock=clock)
@@ -392,8 +378,7 @@ def test_saturation_from_server_reports():
 # --- NoEndpoint -------------------------------------------------------------------------------
 
 
-def test_no_endpoint_says_why():
-    clock = FakeClock()
+def test_no_endpoint_says_why(clock):
     eps = [Endpoint("http://a", models={"llama"}), Endpoint("http://b", models={"llama"})]
     router = Router(eps, "round-robin", clock=clock)
     with pytest.raises(NoEndpoint, match="no endpoint serves model 'gpt'") as exc:
@@ -422,8 +407,7 @@ def test_exclude_accepts_endpoints_and_urls():
 # --- ORCA ingestion and ORCA-WRR --------------------------------------------------------------
 
 
-def test_orca_wrr_pick_shares_follow_reported_weights():
-    clock = FakeClock()
+def test_orca_wrr_pick_shares_follow_reported_weights(clock):
     eps = endpoints(3)
     router = Router(eps, "orca-wrr", clock=clock)
     utilizations = [0.25, 0.5, 1.0]  # weights 400, 200, 100
@@ -437,8 +421,7 @@ def test_orca_wrr_pick_shares_follow_reported_weights():
     assert shares == pytest.approx([4 / 7, 2 / 7, 1 / 7], abs=0.005)
 
 
-def test_orca_wrr_uses_measured_qps_for_vllm_reports_and_skips_filtered_endpoints():
-    clock = FakeClock()
+def test_orca_wrr_uses_measured_qps_for_vllm_reports_and_skips_filtered_endpoints(clock):
     eps = endpoints(2)
     router = Router(eps, "orca-wrr", clock=clock)
     for second in range(12):
@@ -459,8 +442,19 @@ def test_orca_wrr_uses_measured_qps_for_vllm_reports_and_skips_filtered_endpoint
     assert {router.pick(RequestInfo(), exclude=[eps[0]]).url for _ in range(5)} == {eps[1].url}
 
 
-def test_a_bad_orca_header_never_breaks_routing():
-    clock = FakeClock()
+def test_orca_wrr_keeps_only_the_responses_of_its_rate_window(clock):
+    eps = endpoints(1)
+    router = Router(eps, "orca-wrr", clock=clock)
+    for half in range(200):  # two responses a second for 100 s, and no ORCA report
+        clock.now = half / 2
+        router.on_start(eps[0])
+        router.on_finish(eps[0])
+    picker = router.profile.picker
+    assert len(picker._done[eps[0].url]) == 21  # 89.5 s to 99.5 s, both ends included
+    assert picker.qps(eps[0].url, clock.now) == 2.1
+
+
+def test_a_bad_orca_header_never_breaks_routing(clock):
     eps = endpoints(2)
     router = Router(eps, "kv-aware", clock=clock)
     good = {"endpoint-load-metrics": "TEXT named_metrics.num_requests_waiting=7"}
@@ -478,8 +472,7 @@ def test_a_bad_orca_header_never_breaks_routing():
     assert router.pick(RequestInfo()) is eps[1]
 
 
-def test_load_source_precedence_and_expiry():
-    clock = FakeClock()
+def test_load_source_precedence_and_expiry(clock):
     e = Endpoint("http://a")
     router = Router([e], "kv-aware", clock=clock, orca_ttl=2.0, metrics_ttl=1.0)
     e.in_flight = 1
@@ -504,8 +497,7 @@ def test_load_source_precedence_and_expiry():
 # --- feedback and bookkeeping -----------------------------------------------------------------
 
 
-def test_retry_after_opens_the_breaker_for_exactly_that_long():
-    clock = FakeClock()
+def test_retry_after_opens_the_breaker_for_exactly_that_long(clock):
     eps = endpoints(2)
     router = Router(eps, "round-robin", clock=clock)
     router.on_start(eps[0])
@@ -557,9 +549,9 @@ def test_configuration_errors_are_clear():
     assert math.isclose(kv_cache_score(0.0), 1.0)
 
 
-def test_update_keeps_prefix_state_of_staying_endpoints():
+def test_update_keeps_prefix_state_of_staying_endpoints(clock):
     eps = endpoints(3)
-    router = Router(eps, "prefix-load", clock=FakeClock())
+    router = Router(eps, "prefix-load", clock=clock)
     info = RequestInfo(model="m", prompt=PROMPT)
     home = router.pick(info)
     router.update([e for e in eps if e is not eps[2]])
@@ -568,10 +560,10 @@ def test_update_keeps_prefix_state_of_staying_endpoints():
     assert router.pick(info) is not home
 
 
-def test_request_info_from_an_openai_body_routes_by_its_prefix():
+def test_request_info_from_an_openai_body_routes_by_its_prefix(clock):
     system = {"role": "system", "content": "You answer questions about the ACME API. " * 10}
     eps = endpoints(3)
-    router = Router(eps, "prefix-load", clock=FakeClock())
+    router = Router(eps, "prefix-load", clock=clock)
     homes = set()
     for i in range(5):
         body = {"model": "m", "messages": [system, {"role": "user", "content": f"q{i}?"}]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import zlib
 
 import numpy as np
@@ -43,14 +44,6 @@ def bag_of_words(texts):
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
-class Clock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def chat(text, *, model="m", system=None, stream=False, temperature=0, **extra):
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": text})
@@ -78,12 +71,12 @@ def answer(text, finish="stop", model="m"):
     }
 
 
-def make(clock=None, redis_url=None, **config):
+def make(clock=time.time, redis_url=None, **config):
     config.setdefault("min_cosine_similarity", 0.9)
     return SemanticCache(
         CacheConfig(**config),
         embedder=bag_of_words,
-        clock=clock or Clock(),
+        clock=clock,
         redis_url=redis_url,
         redis_retry_s=0.0,
     )
@@ -311,6 +304,21 @@ def test_sampled_and_time_sensitive_requests_bypass_the_cache():
     assert allowed.lookup(chat("what is the weather today", temperature=0.7)).cacheable
 
 
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("Is the shop open NOW?", "time-sensitive prompt ('now')"),
+        ("ACME's stock price?", "time-sensitive prompt ('stock price')"),
+        ("what happened last  night", None),  # a phrase is its words with one space between
+        ("plans for this morning!", "time-sensitive prompt ('this morning')"),
+        ("I know it snows in the snowy north; forecasting models", None),  # parts of words
+    ],
+)
+def test_time_sensitive_phrases_count_as_whole_words(text, reason):
+    found = make().lookup(chat(text))
+    assert (found.reason if found.skip else None) == reason
+
+
 def test_tools_and_long_dialogues_skip_only_the_semantic_tier():
     cache = make(max_messages=2)
     tools = [{"type": "function", "function": {"name": "lookup"}}]
@@ -359,17 +367,16 @@ def test_the_all_messages_mode_keeps_the_dialogue_context():
 # --- TTL and LRU ------------------------------------------------------------------------------
 
 
-def test_entries_expire_after_their_ttl():
-    clock = Clock()
+def test_entries_expire_after_their_ttl(clock):
     cache = make(clock, ttl_s=10)
     put(cache, chat("how do I reset my password"), "Click reset.")
-    clock.t += 9.9
+    clock.now += 9.9
     assert cache.lookup(chat("how do I reset my password")).tier == "exact"
     assert cache.lookup(chat("reset my password how do I")).tier == "semantic"
-    clock.t += 0.2
+    clock.now += 0.2
     assert not cache.lookup(chat("how do I reset my password")).hit
     put(cache, chat("what is the capital of France"), "Paris.")
-    clock.t += 10
+    clock.now += 10
     assert cache.purge_expired() == 1 and len(cache) == 0
     assert not cache.lookup(chat("capital of France what is the")).hit
 

@@ -297,7 +297,9 @@ def test_k_plus_first_request_waits_and_metrics_show_it():
         assert value(after["vllm:prompt_tokens"], "vllm:prompt_tokens_total") == 3 * 16
         ttft = after["vllm:time_to_first_token_seconds"]
         assert value(ttft, "vllm:time_to_first_token_seconds_count", model_name="sim-llm") == 3
-        assert value(ttft, "vllm:time_to_first_token_seconds_sum") >= 4 * t
+        # two prefills of t, and the third's wait (less than t: it came a little after the
+        # first two) plus its own prefill
+        assert value(ttft, "vllm:time_to_first_token_seconds_sum") > 3 * t
         assert (
             value(
                 after["vllm:request_success"],

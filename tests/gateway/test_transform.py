@@ -565,11 +565,17 @@ def test_parallel_tool_calls_and_defaults():
             "not valid JSON",
         ),
         ({"tools": [{"type": "code_interpreter"}]}, "not a function tool"),
+        ({"tools": ["get_weather"]}, "not a function tool"),
     ],
 )
 def test_untranslatable_requests_say_why(body, match):
     with pytest.raises(TranslationError, match=match):
         openai_to_anthropic_request({"model": "m", "messages": [USER], **body})
+
+
+def test_a_tool_that_is_no_object_is_a_translation_error():
+    with pytest.raises(TranslationError, match=r"tools\[0\] must be an object"):
+        anthropic_to_openai_request({"model": "m", "messages": [], "tools": ["get_weather"]})
 
 
 # --- responses ----------------------------------------------------------------------------------
@@ -898,6 +904,14 @@ def test_sse_encoding_and_decoding():
     assert got[1] == (None, "[DONE]")
 
 
+def test_sse_decoder_keeps_a_crlf_split_between_chunks_together():
+    decoder = SseDecoder()
+    wire = b"data: a\r\ndata: b\r\n\r\ndata: [DONE]\r\n\r\n"
+    got = [d for i in range(0, len(wire), 8) for d in decoder.feed(wire[i : i + 8])]
+    assert got == [(None, "a\nb"), (None, "[DONE]")]  # chunk 1 ends "data: a\r"
+    assert decoder.feed(b"data: cut") == [] and decoder.feed(b"\r") == []
+
+
 # --- the pipeline -----------------------------------------------------------------------------
 
 
@@ -912,6 +926,7 @@ def test_transformer_order_guard_then_redaction_then_trusted_system_prompt():
         "variables": {"topic": "billing"},
         "messages": [{"role": "user", "content": "mail me: a@b.io"}],
     }
+    before = copy.deepcopy(body)
     out = t.apply(body, tenant="acme")
     assert out.body == {
         "model": "m",
@@ -921,7 +936,7 @@ def test_transformer_order_guard_then_redaction_then_trusted_system_prompt():
         ],
     }
     assert out.redactions == {"email": 1}
-    assert "variables" in body  # input unchanged
+    assert body == before  # input unchanged
     with pytest.raises(PolicyError) as e:  # the guard sees the card before it is redacted
         t.apply({"model": "m", "messages": [{"role": "user", "content": "4111 1111 1111 1111"}]})
     assert e.value.code == "content_policy_violation"
@@ -937,23 +952,24 @@ def test_transformer_templates_and_their_errors():
         },
         render_messages=True,
     )
-    out = t.apply(
-        {
-            "model": "m",
-            "template": "sum",
-            "variables": {"lang": "fr", "text": "bonjour", "who": "Bo"},
-            "messages": [
-                {"role": "assistant", "content": "use {{ name }} in Jinja"},
-                {"role": "user", "content": "and greet {{ who }}"},
-            ],
-        }
-    )
+    body = {
+        "model": "m",
+        "template": "sum",
+        "variables": {"lang": "fr", "text": "bonjour", "who": "Bo"},
+        "messages": [
+            {"role": "assistant", "content": "use {{ name }} in Jinja"},
+            {"role": "user", "content": "and greet {{ who }}"},
+        ],
+    }
+    before = copy.deepcopy(body)
+    out = t.apply(body)
     assert out.body["messages"] == [
         {"role": "system", "content": "Lang: fr"},
         {"role": "user", "content": "bonjour"},
         {"role": "assistant", "content": "use {{ name }} in Jinja"},  # answers are not rendered
         {"role": "user", "content": "and greet Bo"},
     ]
+    assert body == before
     for body, code in [
         ({"template": "nope"}, "template_not_found"),
         ({"template": "sum", "variables": {"lang": "fr"}}, "invalid_template"),

@@ -22,21 +22,11 @@ from datahall.gateway.wrr import (
 )
 
 
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def load(utilization: float, qps: float = 100.0, eps: float = 0.0) -> OrcaLoadReport:
     return OrcaLoadReport(cpu_utilization=utilization, rps_fractional=qps, eps=eps)
 
 
-def warm_up(wrr: WeightedRoundRobin, clock: FakeClock, reports: dict[str, OrcaLoadReport]) -> None:
+def warm_up(wrr: WeightedRoundRobin, clock, reports: dict[str, OrcaLoadReport]) -> None:
     """Send `reports` every second from the clock's time through the 10 s blackout."""
     start = clock.now
     for step in range(11):
@@ -149,8 +139,7 @@ def test_config_validation():
 # --- blackout and expiry under a fake clock (invariant §2.6.2) --------------------------------
 
 
-def test_blackout_period_is_ten_seconds():
-    clock = FakeClock()
+def test_blackout_period_is_ten_seconds(clock):
     wrr = WeightedRoundRobin(["a", "b"], clock=clock)
     for second in range(10):
         clock.now = float(second)
@@ -166,8 +155,7 @@ def test_blackout_period_is_ten_seconds():
     assert wrr.endpoint("a").last_updated == 9.0
 
 
-def test_blackout_counts_from_the_first_usable_report():
-    clock = FakeClock()
+def test_blackout_counts_from_the_first_usable_report(clock):
     wrr = WeightedRoundRobin(["a"], clock=clock)
     wrr.report("a", load(0.0))  # no utilization: ignored, starts nothing
     clock.now = 5.0
@@ -178,8 +166,7 @@ def test_blackout_counts_from_the_first_usable_report():
     assert wrr.endpoint_weights() == {"a": 200.0}
 
 
-def test_weight_expires_after_three_minutes_and_blackout_starts_again():
-    clock = FakeClock()
+def test_weight_expires_after_three_minutes_and_blackout_starts_again(clock):
     wrr = WeightedRoundRobin(["a", "b"], clock=clock)
     warm_up(wrr, clock, {"a": load(0.25), "b": load(0.5)})  # last reports at t=10
     clock.now = 10.0 + 179.999
@@ -198,8 +185,7 @@ def test_weight_expires_after_three_minutes_and_blackout_starts_again():
     assert wrr.endpoint_weights() == {"a": 400.0, "b": 200.0}
 
 
-def test_a_report_after_expiry_restarts_blackout_even_without_a_lookup_in_between():
-    clock = FakeClock()
+def test_a_report_after_expiry_restarts_blackout_even_without_a_lookup_in_between(clock):
     wrr = WeightedRoundRobin(["a"], clock=clock)
     warm_up(wrr, clock, {"a": load(0.5)})
     clock.now = 500.0  # silence far past the expiry, and nobody looked at the weight
@@ -209,8 +195,7 @@ def test_a_report_after_expiry_restarts_blackout_even_without_a_lookup_in_betwee
     assert wrr.endpoint_weights() == {"a": 0.0}
 
 
-def test_custom_periods():
-    clock = FakeClock()
+def test_custom_periods(clock):
     config = WrrConfig(blackout_period=0.0, weight_expiration_period=5.0)
     wrr = WeightedRoundRobin(["a", "b"], config=config, clock=clock)
     wrr.report("a", load(0.25))
@@ -220,8 +205,7 @@ def test_custom_periods():
     assert wrr.endpoint_weights() == {"a": 0.0, "b": 0.0}
 
 
-def test_on_ready_restarts_the_blackout():
-    clock = FakeClock()
+def test_on_ready_restarts_the_blackout(clock):
     wrr = WeightedRoundRobin(["a", "b"], clock=clock)
     warm_up(wrr, clock, {"a": load(0.25), "b": load(0.5)})
     wrr.on_ready("a")
@@ -255,8 +239,7 @@ def test_scheduling_weights():
     assert scheduling_weights([100.0, 0.0, 300.0, 0.0]) == [100.0, 200.0, 300.0, 200.0]
 
 
-def test_zero_weight_endpoints_get_the_mean_weight():
-    clock = FakeClock()
+def test_zero_weight_endpoints_get_the_mean_weight(clock):
     wrr = WeightedRoundRobin(["a", "b", "c"], clock=clock)
     warm_up(wrr, clock, {"a": load(1.0), "b": load(1 / 3)})  # weights 100 and 300
     assert wrr.endpoint_weights() == {"a": 100.0, "b": pytest.approx(300.0), "c": 0.0}
@@ -267,8 +250,7 @@ def test_zero_weight_endpoints_get_the_mean_weight():
     assert counts["c"] == pytest.approx(2000, abs=2)
 
 
-def test_round_robin_with_fewer_than_two_weighted_endpoints():
-    clock = FakeClock()
+def test_round_robin_with_fewer_than_two_weighted_endpoints(clock):
     wrr = WeightedRoundRobin(["a", "b", "c"], clock=clock, seed=3)
     warm_up(wrr, clock, {"a": load(0.01)})  # one endpoint with a (large) weight
     assert wrr.endpoint_weights() == {"a": 10000.0, "b": 0.0, "c": 0.0}
@@ -279,8 +261,8 @@ def test_round_robin_with_fewer_than_two_weighted_endpoints():
     assert picks[:3] == picks[3:6]  # a fixed rotation
 
 
-def test_round_robin_with_no_reports_at_all():
-    wrr = WeightedRoundRobin(["a", "b"], clock=FakeClock())
+def test_round_robin_with_no_reports_at_all(clock):
+    wrr = WeightedRoundRobin(["a", "b"], clock=clock)
     picks = [wrr.pick() for _ in range(10)]
     assert Counter(picks) == {"a": 5, "b": 5}
     assert all(x != y for x, y in zip(picks, picks[1:], strict=False))
@@ -297,8 +279,7 @@ def test_round_robin_with_no_reports_at_all():
         {"a": 0.5, "b": 0.5, "c": 0.5},  # equal weights
     ],
 )
-def test_pick_share_converges_to_weight_share(utilizations):
-    clock = FakeClock()
+def test_pick_share_converges_to_weight_share(utilizations, clock):
     wrr = WeightedRoundRobin(list(utilizations), clock=clock, seed=7)
     warm_up(wrr, clock, {a: load(u) for a, u in utilizations.items()})
     weights = wrr.weights()
@@ -352,8 +333,7 @@ def test_edf_rejects_bad_weights():
 # --- weight_update_period: new weights take effect at the next rebuild -------------------------
 
 
-def test_new_weights_apply_after_the_update_period():
-    clock = FakeClock()
+def test_new_weights_apply_after_the_update_period(clock):
     wrr = WeightedRoundRobin(["a", "b"], clock=clock)
     warm_up(wrr, clock, {"a": load(0.5), "b": load(0.5)})  # equal, t=10
     assert Counter(wrr.pick() for _ in range(100)) == {"a": 50, "b": 50}
@@ -367,8 +347,7 @@ def test_new_weights_apply_after_the_update_period():
     assert counts["a"] == pytest.approx(90, abs=1)
 
 
-def test_rebuild_applies_new_weights_at_once():
-    clock = FakeClock()
+def test_rebuild_applies_new_weights_at_once(clock):
     wrr = WeightedRoundRobin(["a", "b"], clock=clock)
     warm_up(wrr, clock, {"a": load(0.5), "b": load(0.5)})
     wrr.pick()
@@ -381,8 +360,7 @@ def test_rebuild_applies_new_weights_at_once():
 # --- resolver updates: weights are keyed by address --------------------------------------------
 
 
-def test_update_keeps_weights_of_known_addresses():
-    clock = FakeClock()
+def test_update_keeps_weights_of_known_addresses(clock):
     wrr = WeightedRoundRobin(["a", "b"], clock=clock)
     warm_up(wrr, clock, {"a": load(0.25), "b": load(0.5)})
     wrr.update(["b", "a", "c", "a"])  # reordered, one new, one duplicate
@@ -393,8 +371,7 @@ def test_update_keeps_weights_of_known_addresses():
     assert counts == pytest.approx({"b": 200, "a": 400, "c": 300}, abs=1)
 
 
-def test_update_drops_removed_addresses():
-    clock = FakeClock()
+def test_update_drops_removed_addresses(clock):
     wrr = WeightedRoundRobin(["a", "b", "c"], clock=clock)
     warm_up(wrr, clock, {"a": load(0.25), "b": load(0.5), "c": load(0.5)})
     wrr.update(["a", "c"])
@@ -406,16 +383,15 @@ def test_update_drops_removed_addresses():
     assert wrr.endpoint("b") == EndpointWeight()
 
 
-def test_pick_with_no_addresses():
-    wrr = WeightedRoundRobin([], clock=FakeClock())
+def test_pick_with_no_addresses(clock):
+    wrr = WeightedRoundRobin([], clock=clock)
     with pytest.raises(LookupError, match="no endpoints"):
         wrr.pick()
     wrr.update(["a"])
     assert wrr.pick() == "a"
 
 
-def test_report_returns_the_weight_and_uses_config():
-    clock = FakeClock()
+def test_report_returns_the_weight_and_uses_config(clock):
     config = WrrConfig(
         error_utilization_penalty=2.0,
         metric_names_for_computing_utilization=("named_metrics.kv_cache_usage_perc",),
@@ -426,9 +402,9 @@ def test_report_returns_the_weight_and_uses_config():
     assert wrr.report("a", report, qps=10.0) == pytest.approx(10.0 / (0.4 + 0.1 * 2.0))
 
 
-def test_same_seed_same_picks():
+def test_same_seed_same_picks(clock):
     def run(seed: int) -> list[str]:
-        clock = FakeClock()
+        clock.now = 0.0
         wrr = WeightedRoundRobin(["a", "b", "c"], clock=clock, seed=seed)
         warm_up(wrr, clock, {"a": load(0.3), "b": load(0.6), "c": load(0.9)})
         return [wrr.pick() for _ in range(50)]

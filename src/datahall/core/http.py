@@ -1,15 +1,69 @@
 """HTTP plumbing the servers of datahall share: run an ASGI app on loopback in a thread (for
-demos, tests and benchmarks, which drive it from the same process)."""
+demos, tests and benchmarks, which drive it from the same process); stop work for a client that
+went away; and the latency buckets of vLLM's ``/metrics``, which the vLLM-compatible servers
+(kvshare's, the gateway's simulated backends) export."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
-__all__ = ["serve_in_thread"]
+__all__ = [
+    "E2E_BUCKETS",
+    "ITL_BUCKETS",
+    "TTFT_BUCKETS",
+    "ClientDisconnected",
+    "serve_in_thread",
+    "unless_disconnected",
+]
+
+T = TypeVar("T")
+
+# vLLM's histogram buckets (seconds), so that its dashboards' quantiles mean the same here
+# fmt: off
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+               120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# fmt: on
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the answer was ready."""
+
+
+async def unless_disconnected(
+    work: Coroutine[Any, Any, T], receive: Callable[[], Awaitable[Any]]
+) -> T:
+    """The result of `work`, unless the client disconnects first: then `work` is cancelled
+    and :class:`ClientDisconnected` raised, so that an abandoned request frees what it holds,
+    as vLLM aborts it. `receive` is the ASGI receive channel of a request whose body was
+    read already, so that only a disconnect can come from it."""
+
+    async def disconnect() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(disconnect())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, gone):
+            if not t.done():
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+    if task.cancelled():
+        raise ClientDisconnected("the client disconnected before the answer was ready")
+    return task.result()
 
 
 @contextlib.contextmanager

@@ -64,6 +64,7 @@ from datahall.gateway.transform import (
     TemplateError,
     compile_template,
 )
+from datahall.gateway.wrr import WrrConfig
 
 __all__ = [
     "EXAMPLE_CONFIG",
@@ -257,6 +258,12 @@ class OrcaSettings(_Section):
     metric_names_for_computing_utilization: list[str] = Field(default_factory=list)
     scrape_interval_s: float = Field(1.0, gt=0)
     """Prometheus scrape period for backends without ORCA."""
+
+    @field_validator("metric_names_for_computing_utilization")
+    @classmethod
+    def _metric_names(cls, names: list[str]) -> list[str]:
+        WrrConfig(metric_names_for_computing_utilization=tuple(names))  # names a bad one
+        return names
 
 
 class RoutingSettings(_Section):

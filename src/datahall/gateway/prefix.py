@@ -13,9 +13,8 @@ API Inference Extension's ``prefix-cache-scorer`` approximates them from the req
   GIE's layout (``plugins/multi/prefix/plugin.go``: ``toBytes`` puts the previous hash with
   ``binary.LittleEndian``), so two prompts share hash i exactly when they share model and the
   first i blocks;
-- a :class:`PrefixIndex` maps each hash to the endpoints that recently served it, an LRU of
-  31,250 hashes per endpoint; the score of an endpoint is the longest run of matched blocks from
-  the first one.
+- a :class:`PrefixIndex` keeps, per endpoint, an LRU of the 31,250 hashes it served last; the
+  score of an endpoint is the longest run of matched blocks from the first one.
 
 Without the ``xxhash`` package the chain uses 8 bytes of BLAKE2b instead (:data:`HASH_NAME`
 says which): the invariants hold, but the values then differ from GIE's.
@@ -217,7 +216,6 @@ class PrefixIndex(Generic[K]):
             raise ValueError(f"capacity_per_endpoint must be >= 0, not {capacity_per_endpoint}")
         self.capacity_per_endpoint = capacity_per_endpoint
         self._lru: dict[K, OrderedDict[int, None]] = {}
-        self._holders: dict[int, set[K]] = {}
 
     def record(self, endpoint: K, hashes: Iterable[int]) -> None:
         """Remember that `endpoint` now holds `hashes` (a prompt's chain), evicting its least
@@ -227,37 +225,27 @@ class PrefixIndex(Generic[K]):
         # chain from its tail, as vLLM frees a request's blocks tail first, and never leaves a
         # tail that could not be matched without its head.
         for h in reversed(list(hashes)):
-            if h in lru:
-                lru.move_to_end(h)
-            else:
-                lru[h] = None
-                self._holders.setdefault(h, set()).add(endpoint)
+            lru[h] = None
+            lru.move_to_end(h)
         while len(lru) > self.capacity_per_endpoint:
-            old, _ = lru.popitem(last=False)
-            self._drop(old, endpoint)
+            lru.popitem(last=False)
 
     def match(self, hashes: Sequence[int]) -> dict[K, int]:
-        """For each endpoint holding the first hash, how many of `hashes` it holds in a row
-        from the first; endpoints with no match are left out. Matching does not refresh the LRU:
-        only the endpoint that serves the request records it."""
-        holders = self._holders
-        if not hashes or hashes[0] not in holders:
-            return {}
-        alive = set(holders[hashes[0]])
-        matched = dict.fromkeys(alive, 1)
-        for h in hashes[1:]:
-            alive &= holders.get(h, set())
-            if not alive:
-                break
-            for e in alive:
-                matched[e] += 1
-        # endpoints in first-recorded order, so results do not depend on set iteration order
-        return {e: matched[e] for e in self._lru if e in matched}
+        """For each endpoint, how many of `hashes` it holds in a row from the first; endpoints
+        with no match are left out. Matching does not refresh the LRU: only the endpoint that
+        serves the request records it."""
+        matched = {}
+        for endpoint, lru in self._lru.items():  # in first-recorded order
+            n = 0
+            while n < len(hashes) and hashes[n] in lru:
+                n += 1
+            if n:
+                matched[endpoint] = n
+        return matched
 
     def remove(self, endpoint: K) -> None:
         """Forget `endpoint` (it left the pool, or its server restarted with an empty cache)."""
-        for h in self._lru.pop(endpoint, ()):
-            self._drop(h, endpoint)
+        self._lru.pop(endpoint, None)
 
     def endpoints(self) -> list[K]:
         """The endpoints that have recorded hashes."""
@@ -269,11 +257,4 @@ class PrefixIndex(Generic[K]):
 
     def __len__(self) -> int:
         """The number of distinct hashes held by any endpoint."""
-        return len(self._holders)
-
-    def _drop(self, h: int, endpoint: K) -> None:
-        owners = self._holders.get(h)
-        if owners is not None:
-            owners.discard(endpoint)
-            if not owners:
-                del self._holders[h]
+        return len(set().union(*self._lru.values()))

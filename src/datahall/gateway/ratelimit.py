@@ -46,6 +46,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from datahall.core.redis import FAILED, RedisLink
 from datahall.gateway.transform import PolicyError
 
 __all__ = [
@@ -422,7 +423,8 @@ class RedisTokenRateLimiter:
     with a fake clock. When Redis cannot be reached, decisions fall back to a local
     :class:`TokenRateLimiter` (each replica then enforces the whole limit on its own, so the
     fleet may admit up to replicas × limit); one warning is logged per outage, and Redis is
-    tried again after `retry_s`.
+    tried again after `retry_s`, doubling up to 30 s while the outage lasts
+    (:class:`datahall.core.redis.RedisLink`). `fallbacks` counts the decisions taken locally.
     """
 
     def __init__(
@@ -435,68 +437,32 @@ class RedisTokenRateLimiter:
         timeout_s: float = 0.25,
         retry_s: float = 5.0,
     ) -> None:
-        try:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-        except ImportError:
-            raise ImportError(
-                "the shared rate limiter needs the redis package: pip install 'datahall[gateway]'"
-            ) from None
-        if client is None and url is None:
-            raise ValueError("give the Redis url (redis://host:port/db) or a client")
-        self.url = url or repr(client)
-        # one immediate retry absorbs a pooled socket that died with a restarted server; an
-        # outage is handled below, without redis-py's default back-off stalling requests
-        self.client = client or redis.Redis.from_url(
+        self.link = RedisLink(
             url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
+            what="rate limits",
+            fallback="each gateway replica limits on its own",
+            log=log,
+            client=client,
+            timeout_s=timeout_s,
+            retry_s=retry_s,
         )
-        self.prefix, self.clock, self.retry_s = prefix, clock, retry_s
+        self.prefix, self.clock = prefix, clock
         self.local = TokenRateLimiter(clock=clock or time.time)
-        self._script = self.client.register_script(_SCRIPT)
-        self._outage = (redis.ConnectionError, redis.TimeoutError, OSError)
-        self._error = redis.RedisError
-        self._down_until = 0.0
-        self._down_since: float | None = None
+        self._script = self.link.client.register_script(_SCRIPT)
         self._lock = threading.Lock()
         self.fallbacks = 0
 
     def _run(self, buckets: list[_Bucket], mode: str, costs: list[float]) -> list[Any] | None:
         """Run the script, or None when Redis is unavailable (then the caller goes local)."""
-        with self._lock:
-            if time.monotonic() < self._down_until:
-                return None
         args: list[Any] = ["" if self.clock is None else repr(float(self.clock())), mode]
         for b, cost in zip(buckets, costs, strict=True):
             args += [repr(b.capacity), repr(b.rate), repr(float(cost)), repr(b.need)]
         keys = [f"{self.prefix}:{b.key}" for b in buckets]
-        try:
-            result = self._script(keys=keys, args=args)
-        except (*self._outage, self._error) as e:
+        result = self.link.call(lambda r: self._script(keys=keys, args=args, client=r))
+        if result is FAILED:
             with self._lock:
                 self.fallbacks += 1
-                self._down_until = time.monotonic() + self.retry_s
-                if self._down_since is None:
-                    self._down_since = time.monotonic()
-                    log.warning(
-                        "Redis at %s is unavailable for rate limits (%s); each gateway replica "
-                        "limits on its own until it is back (retry in %.3g s)",
-                        self.url,
-                        e,
-                        self.retry_s,
-                    )
             return None
-        with self._lock:
-            if self._down_since is not None:
-                log.warning(
-                    "Redis at %s is back after %.1f s; rate limits are shared again",
-                    self.url,
-                    time.monotonic() - self._down_since,
-                )
-                self._down_since = None
         return result
 
     def acquire(self, limits: Mapping[str, RateLimit], estimate: int) -> Decision:

@@ -800,6 +800,7 @@ class OrcaWrrPicker(Picker):
     def bind(self, router: Router) -> None:
         self._clock = router.clock
         urls = [e.url for e in router.endpoints]
+        self._done = {url: done for url, done in self._done.items() if url in urls}
         if self.wrr is None:
             self.wrr = WeightedRoundRobin(
                 urls, config=self.config, clock=router.clock, seed=self.seed
@@ -808,15 +809,23 @@ class OrcaWrrPicker(Picker):
             self.wrr.update(urls)
 
     def qps(self, url: str, now: float) -> float:
+        """Responses per second from `url` over the last `qps_window` seconds."""
         done = self._done.get(url)
         if not done:
             return 0.0
-        while done and now - done[0] > self.qps_window:
-            done.popleft()
+        self._forget_old(done, now)
         return len(done) / self.qps_window
 
+    def _forget_old(self, done: deque[float], now: float) -> None:
+        while done and now - done[0] > self.qps_window:
+            done.popleft()
+
     def on_finish(self, endpoint: Endpoint, ok: bool, now: float) -> None:
-        self._done.setdefault(endpoint.url, deque()).append(now)
+        done = self._done.setdefault(endpoint.url, deque())
+        done.append(now)
+        # trimmed here too, not only when a report asks for the rate: an endpoint whose
+        # reports carry their own rps_fractional (or that sends none) would grow it forever
+        self._forget_old(done, now)
 
     def on_report(self, endpoint: Endpoint, report: OrcaLoadReport) -> None:
         if self.wrr is None:
@@ -1106,6 +1115,11 @@ class Router:
         model, adapter and pool; not in `exclude`; healthy with a closed (or probing) breaker;
         of the best priority tier with an unsaturated endpoint. Raises :class:`NoEndpoint`."""
         now = self.clock() if now is None else now
+        return self._eligible(PickContext(info, now, self), exclude)
+
+    def _eligible(self, ctx: PickContext, exclude: Collection[Endpoint | str]) -> list[Endpoint]:
+        # takes the pick's context, so that the profile reuses the loads read here
+        info, now = ctx.info, ctx.now
         excluded = {e if isinstance(e, str) else e.url for e in exclude}
         excluded = {u.rstrip("/") for u in excluded}
         what = f"model {info.target_model!r}" + (f" in pool {info.pool!r}" if info.pool else "")
@@ -1135,7 +1149,7 @@ class Router:
         tiers = sorted({e.priority for e in up})
         for tier in tiers:
             members = [e for e in up if e.priority == tier]
-            free = [e for e in members if not self.saturation.saturated(e, self.load(e, now))]
+            free = [e for e in members if not self.saturation.saturated(e, ctx.load(e))]
             if free:
                 return free
         if info.priority == "sheddable":
@@ -1151,9 +1165,8 @@ class Router:
         """The endpoint to send `info` to, never one of `exclude` (endpoints or URLs already
         tried). Runs the hard rules, the profile's filters, scorers and picker, then the
         pre-request hooks. Raises :class:`NoEndpoint` when no endpoint is eligible."""
-        now = self.clock()
-        ctx = PickContext(info, now, self)
-        candidates = self.eligible(info, exclude, now)
+        ctx = PickContext(info, self.clock(), self)
+        candidates = self._eligible(ctx, exclude)
         allowed = {id(c) for c in candidates}
         for f in self.profile.filters:
             narrowed = [c for c in f.filter(ctx, candidates) if id(c) in allowed]

@@ -48,9 +48,9 @@ import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client import generate_latest as _generate_latest
@@ -61,7 +61,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..core.http import E2E_BUCKETS, TTFT_BUCKETS, ClientDisconnected, unless_disconnected
+from .orca import ENDPOINT_LOAD_METRICS_FORMAT, OrcaError, OrcaLoadReport, orca_headers
 from .prefix import BLOCK_CHARS, PrefixIndex, hash64, prefix_hashes, request_text
+from .transform import openai_sse
 
 __all__ = [
     "Faults",
@@ -81,17 +84,8 @@ __all__ = [
     "run_backends",
 ]
 
-ORCA_FORMAT_HEADER = "endpoint-load-metrics-format"
 BACKEND_HEADER = "x-sim-backend"
 """Response header naming the simulator that answered, so tests see where a request went."""
-
-# vLLM's buckets (seconds), so that dashboards' quantiles mean the same here
-# fmt: off
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-               120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
-# fmt: on
 
 # The generated text: seeded picks from a small fixed vocabulary, one word a token.
 # fmt: off
@@ -102,9 +96,6 @@ _WORDS = (
     "one", "at", "time", "while", "queue", "moves", "forward",
 )
 # fmt: on
-
-T = TypeVar("T")
-
 
 # ---- configuration -------------------------------------------------------------------------
 
@@ -428,8 +419,6 @@ class Simulator:
     def orca_headers(self, fmt: str) -> dict[str, str]:
         """The ``endpoint-load-metrics`` header in `fmt` (text, json or bin), as vLLM fills it
         plus the slot utilization; {} for a format ORCA lacks (the server then sends none)."""
-        from .orca import OrcaError, OrcaLoadReport, orca_headers
-
         st = self.stats()
         report = OrcaLoadReport(
             named_metrics={
@@ -560,36 +549,6 @@ def _error(
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
 
 
-def _sse(obj: Any) -> bytes:
-    return f"data: {json.dumps(obj)}\n\n".encode()
-
-
-async def _disconnect(receive: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-    """Returns when the client has gone (the body was read already: only a disconnect can come)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(
-    work: Coroutine[Any, Any, T], receive: Callable[[], Coroutine[Any, Any, Any]]
-) -> T | None:
-    """Run `work` until done, or cancel it when the client disconnects first (then None), so a
-    client that gives up frees its slot as a vLLM request would be aborted."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnect(receive))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (task, gone):
-            if not t.done():
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
-    if task.cancelled():
-        return None
-    return task.result()
-
-
 class _EventStream:
     """An SSE response as a bare ASGI app: it stops (and frees the slot) when the client goes,
     and for the `disconnect_after_chunks` fault it ends the connection after k chunks without
@@ -619,8 +578,9 @@ class _EventStream:
                     sent += 1
             return True
 
-        if await _unless_disconnected(pump(), receive):
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        with contextlib.suppress(ClientDisconnected):
+            if await unless_disconnected(pump(), receive):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         # else: the client left, or the fault cuts the stream: returning without the last body
         # message makes uvicorn close the connection
 
@@ -683,7 +643,7 @@ class _Handlers:
             status, headers = fault
             return _error(status, f"simulated fault: {status}", headers=headers)
         sim.enqueue(job)
-        fmt = request.headers.get(ORCA_FORMAT_HEADER)
+        fmt = request.headers.get(ENDPOINT_LOAD_METRICS_FORMAT)
         kind = "chat.completion" if chat else "text_completion"
         head = {
             "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
@@ -700,8 +660,9 @@ class _Handlers:
             async with contextlib.aclosing(sim.run(job)) as tokens:
                 return "".join([t async for t in tokens])
 
-        text = await _unless_disconnected(collect(), request.receive)
-        if text is None:
+        try:
+            text = await unless_disconnected(collect(), request.receive)
+        except ClientDisconnected:
             return Response(status_code=499)  # the client is gone; nobody reads this
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": job.finish_reason}
         if chat:
@@ -723,7 +684,7 @@ class _Handlers:
                 choice["delta"] = delta
             else:
                 choice["text"] = delta.get("content", "")
-            return _sse({**head, "choices": [choice]})
+            return openai_sse({**head, "choices": [choice]})
 
         async with contextlib.aclosing(self.sim.run(job)) as tokens:
             first = True
@@ -734,8 +695,8 @@ class _Handlers:
                 yield chunk({"content": token})
         yield chunk({}, job.finish_reason)
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(job)})
-        yield b"data: [DONE]\n\n"
+            yield openai_sse({**head, "choices": [], "usage": _usage(job)})
+        yield openai_sse("[DONE]")
 
     async def embeddings(self, request: Request) -> Response:
         sim, cfg = self.sim, self.sim.config

@@ -54,6 +54,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..core.http import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, unless_disconnected
 from .engine import BadRequest, Engine, EngineError, EngineUnavailable, Request, UnknownModel
 
 __all__ = [
@@ -68,16 +69,6 @@ __all__ = [
 
 ORCA_FORMAT_HEADER = "endpoint-load-metrics-format"
 ORCA_HEADER = "endpoint-load-metrics"
-
-# vLLM's buckets (seconds), so that its dashboards' quantiles mean the same here
-# fmt: off
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-               10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-               120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
-# fmt: on
 
 
 class Tokenizer(Protocol):
@@ -604,12 +595,6 @@ async def _json_object(http: HTTPRequest) -> dict:
     return body
 
 
-async def _disconnected(http: HTTPRequest) -> None:
-    """Returns when the client has gone (the body was read already: only a disconnect can come)."""
-    while (await http.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def _until_done(req: Request, text: TextStream, http: HTTPRequest) -> bool:
     """Feed `text` until the request finishes or a stop string ends it; False (and the request
     cancelled) if the client disconnects first — vLLM's ``with_cancellation``."""
@@ -621,16 +606,9 @@ async def _until_done(req: Request, text: TextStream, http: HTTPRequest) -> bool
                 req.cancel()
                 return
 
-    work = asyncio.ensure_future(consume())
-    gone = asyncio.ensure_future(_disconnected(http))
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (work, gone):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if work.cancelled() or work.exception() is not None:
+        await unless_disconnected(consume(), http.receive)
+    except Exception:  # the client went (ClientDisconnected), or the engine's stream failed
         req.cancel()
         return False
     return True

@@ -61,16 +61,16 @@ import operator
 import struct
 import sys
 import threading
-import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Literal
 
 import torch
 
+from ..core.redis import FAILED, RedisLink
 from .hybrid import SenderCache
 
 __all__ = [
@@ -799,8 +799,6 @@ class LocalStore:
             return None
 
 
-_FAILED = object()
-
 Shared = Literal["blob", "directory", "both"]
 """What nodes share through Redis: whole entries (``"blob"``), directory records naming the
 node that holds each entry (``"directory"``: the receiver fetches it from that node's cache
@@ -881,14 +879,6 @@ class RedisStore:
         max_retry_after_s: float = 30.0,
         client: Any = None,
     ):
-        try:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-        except ImportError:
-            raise ImportError(
-                "the shared cache tier needs the redis package: pip install 'datahall[kvshare]'"
-            ) from None
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         self.url = url
@@ -896,33 +886,32 @@ class RedisStore:
         self.namespace = namespace
         self.block_tokens = block_tokens
         self.dtype = dtype
-        self.retry_after_s = retry_after_s
-        self.max_retry_after_s = max_retry_after_s
-        # one retry absorbs a pooled socket that died with a restarted server; longer outages
-        # are this class's back-off, not the client's
-        self.client = client or redis.Redis.from_url(
+        self.link = RedisLink(
             url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
+            what="the shared prefix cache",
+            fallback="the local tier serves",
+            log=log,
+            client=client,
+            timeout_s=timeout_s,
+            retry_s=retry_after_s,
+            max_retry_s=max_retry_after_s,
+            extra="kvshare",
         )
-        self._outage_errors = (redis.ConnectionError, redis.TimeoutError, OSError)
-        self._errors = redis.RedisError
+        self.client = self.link.client
         self._stats = StoreStats()
         self._lock = threading.Lock()
-        self._down_until = 0.0
-        self._down_since: float | None = None
-        self._backoff = retry_after_s
 
     @property
     def stats(self) -> StoreStats:
         with self._lock:
-            return dataclasses.replace(self._stats)
+            stats = dataclasses.replace(self._stats)
+        stats.errors, stats.outages = self.link.errors, self.link.outages
+        return stats
 
     @property
     def available(self) -> bool:
         """False while backing off after an outage."""
-        return self._down_since is None
+        return self.link.available
 
     def _entry_key(self, base: str, variant: str, key: str) -> str:
         return f"{self.namespace}:{base}:{variant}:entry:{key}"
@@ -938,48 +927,7 @@ class RedisStore:
 
     def ping(self) -> bool:
         """Whether Redis answers (an outage is logged once and backed off, as for any call)."""
-        return self._call(lambda r: r.ping()) is not _FAILED
-
-    def _call(self, op: Callable[[Any], Any]) -> Any:
-        """`op(client)`, or _FAILED when Redis is down, backing off, or refused it."""
-        with self._lock:
-            if time.monotonic() < self._down_until:
-                return _FAILED
-        try:
-            result = op(self.client)
-        except self._outage_errors as e:
-            with self._lock:
-                now = time.monotonic()
-                if self._down_since is None:
-                    self._down_since = now
-                    self._stats.outages += 1
-                    log.warning(
-                        "Redis at %s is unavailable (%s); serving prefix caches from the local "
-                        "tier and retrying in %.3g s",
-                        self.url,
-                        e,
-                        self._backoff,
-                    )
-                self._down_until = now + self._backoff
-                self._backoff = min(self._backoff * 2, self.max_retry_after_s)
-                self._stats.errors += 1
-            return _FAILED
-        except self._errors as e:  # e.g. out of memory: this call failed, the server is up
-            with self._lock:
-                self._stats.errors += 1
-            log.warning("Redis at %s refused a prefix-cache operation: %s", self.url, e)
-            return _FAILED
-        with self._lock:
-            if self._down_since is not None:
-                log.warning(
-                    "Redis at %s is back after %.1f s",
-                    self.url,
-                    time.monotonic() - self._down_since,
-                )
-                self._down_since = None
-                self._down_until = 0.0
-                self._backoff = self.retry_after_s
-        return result
+        return self.link.call(lambda r: r.ping()) is not FAILED
 
     def put(self, entry: CacheEntry) -> bool:
         """Store `entry` and point each of its prefixes at it; False if Redis is unavailable."""
@@ -996,7 +944,7 @@ class RedisStore:
                 pipe.set(self._block_key(entry.base, entry.variant, h), key, px=px)
             return pipe.execute()
 
-        ok = self._call(op) is not _FAILED
+        ok = self.link.call(op) is not FAILED
         with self._lock:
             self._stats.puts += ok
         return ok
@@ -1037,8 +985,8 @@ class RedisStore:
                 pipe.exists(self._entry_key(base, variant, h))
             return pipe.execute()
 
-        found = self._call(probe)
-        if found is _FAILED:
+        found = self.link.call(probe)
+        if found is FAILED:
             return None
         pointers, exists = found[0], found[1:]
         tried: set[str] = set()
@@ -1051,23 +999,23 @@ class RedisStore:
                     continue
                 tried.add(key)
                 hit = self._read(key, toks, m, base, variant)
-                if hit is _FAILED:
+                if hit is FAILED:
                     return None
                 if hit is not None:
                     return hit
         return None
 
     def _read(self, key: str, toks: list[int], m: int, base: str, variant: str) -> Any:
-        """The hit in entry `key` for the first m tokens, None, or _FAILED (Redis down)."""
+        """The hit in entry `key` for the first m tokens, None, or FAILED (Redis down)."""
         name = self._entry_key(base, variant, key)
-        blob = self._call(lambda r: r.get(name))
-        if blob is _FAILED or blob is None:  # None: expired or evicted, its pointers live on
+        blob = self.link.call(lambda r: r.get(name))
+        if blob is FAILED or blob is None:  # None: expired or evicted, its pointers live on
             return blob
         try:
             entry = deserialize(blob)
         except CorruptCache as e:
             log.warning("deleting corrupted prefix cache %s from Redis: %s", name, e)
-            self._call(lambda r: r.delete(name))
+            self.link.call(lambda r: r.delete(name))
             with self._lock:
                 self._stats.corrupt += 1
             return None
@@ -1090,7 +1038,7 @@ class RedisStore:
                 pipe.set(self._dir_block_key(entry.base, entry.variant, h), key, px=px)
             return pipe.execute()
 
-        return self._call(op) is not _FAILED
+        return self.link.call(op) is not FAILED
 
     def locate(
         self,
@@ -1118,8 +1066,8 @@ class RedisStore:
             pipe.mget([self._dir_block_key(base, v, h) for v, h, _ in flat])
             return pipe.execute()
 
-        found = self._call(probe)
-        if found is _FAILED:
+        found = self.link.call(probe)
+        if found is FAILED:
             return {}
         exact, pointers = found
         # the records the pointers name, unless already read as an exact record
@@ -1130,8 +1078,8 @@ class RedisStore:
                 wanted.append((v, pointer.decode(errors="replace")))
         wanted = list(dict.fromkeys(wanted))
         if wanted:
-            more = self._call(lambda r: r.mget([self._dir_key(base, v, k) for v, k in wanted]))
-            if more is _FAILED:
+            more = self.link.call(lambda r: r.mget([self._dir_key(base, v, k) for v, k in wanted]))
+            if more is FAILED:
                 return {}
             records.update({w: raw for w, raw in zip(wanted, more, strict=True) if raw})
         out: dict[str, Location] = {}
@@ -1150,7 +1098,10 @@ class RedisStore:
         """Delete a directory record found stale (the peer no longer holds the entry), unless
         it has been published again since."""
         name = self._dir_key(location.base, location.variant, location.key)
-        return self._call(lambda r: r.eval(_FORGET, 1, name, location.record)) not in (_FAILED, 0)
+        return self.link.call(lambda r: r.eval(_FORGET, 1, name, location.record)) not in (
+            FAILED,
+            0,
+        )
 
     def close(self) -> None:
         self.client.close()
