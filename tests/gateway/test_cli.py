@@ -40,6 +40,8 @@ backends:
 
 def test_check_summarises_a_valid_config(gw, monkeypatch):
     monkeypatch.delenv("ACME_APP_KEY", raising=False)
+    # the example tells its reader the command that checks it
+    assert "datahall gateway check --config" in EXAMPLE_CONFIG.read_text().split("\n\n")[0]
     code, out, _ = gw("check", "--config", str(EXAMPLE_CONFIG))
     assert code == 0
     assert "valid" in out and "sim-fast" in out and "prefix-load" in out
@@ -81,17 +83,59 @@ def test_sim_runs_backends_and_checks_its_options(gw):
     assert code == 0
     rows = json.loads(out)
     assert [(r["name"], r["speed"]) for r in rows] == [("sim-0", 1.0), ("sim-1", 0.5)]
+    assert [r["response_tokens"] for r in rows] == [12, 12]  # answers end by themselves
     assert rows[0]["url"] != rows[1]["url"] and rows[0]["url"].startswith("http://127.0.0.1:")
     code, _, err = gw("sim", "--count", "3", "--speeds", "1,2")
     assert code == 2 and "--speeds needs one positive number, or 3 of them" in err
     code, _, err = gw("sim", "--count", "0")
     assert code == 2 and "--count must be at least 1" in err
+    code, out, _ = gw("sim", "--count", "1", "--response-tokens", "0", "--duration", "0", "--json")
+    assert code == 0 and json.loads(out)[0]["response_tokens"] is None
+    code, _, err = gw("sim", "--response-tokens", "-1")
+    assert code == 2 and "--response-tokens must be 0" in err
     assert parse_speeds("2", 2) == [2.0, 2.0]
 
 
 def _lines(stream, sink: queue.Queue) -> None:
     for line in stream:
         sink.put(line)
+
+
+def _sim(*options: str):
+    """`datahall gateway sim` in a subprocess with one backend: (process, its URL)."""
+    code = "from datahall.gateway.cli import app; app()"
+    args = [sys.executable, "-c", code, "sim", "--count", "1", "--duration", "30", *options]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: queue.Queue = queue.Queue()
+    threading.Thread(target=_lines, args=(proc.stdout, out), daemon=True).start()
+    first = out.get(timeout=30)
+    assert first.startswith("sim-0 http://127.0.0.1:"), first
+    return proc, first.split()[1]
+
+
+@pytest.mark.parametrize(
+    "options, cases",
+    [
+        # the default: 12 tokens, within the default max_tokens of 16, unless cut short
+        ((), [(None, "stop", 12), (16, "stop", 12), (8, "length", 8)]),
+        (("--response-tokens", "0"), [(16, "length", 16)]),  # writes until max_tokens
+    ],
+)
+def test_sim_answers_end_by_themselves_so_the_cache_can_keep_them(options, cases):
+    proc, url = _sim(*options)
+    try:
+        for max_tokens, finish, tokens in cases:
+            body = {"model": "sim-llm", "messages": [{"role": "user", "content": "Hi"}]}
+            if max_tokens is not None:
+                body["max_tokens"] = max_tokens
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
+            assert r.status_code == 200
+            answer = r.json()
+            assert answer["choices"][0]["finish_reason"] == finish, max_tokens
+            assert answer["usage"]["completion_tokens"] == tokens
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_serve_answers_until_ctrl_c(tmp_path):

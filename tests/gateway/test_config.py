@@ -16,6 +16,8 @@ from datahall.gateway.config import (
     parse_config,
 )
 from datahall.gateway.ratelimit import RateLimit, SizeLimits
+from datahall.gateway.routing import make_profile
+from datahall.gateway.server import build_profile
 from datahall.gateway.transform import ModelTarget
 
 
@@ -54,13 +56,26 @@ def test_minimal_config_gets_the_defaults():
         "queue": 1.0,
         "kv_cache": 1.0,
         "prefix": 3.0,
-        "lora": 0.0,
+        "lora": 1.0,
     }
     assert config.routing.orca.blackout_period_s == 10.0
     assert config.routing.orca.weight_expiration_period_s == 180.0
     assert not config.semantic_cache.enabled and config.cache_redis_url() is None
     assert config.retries.on_status == [429, 502, 503, 504]
     assert config.rate_limits(None) == {}
+
+
+@pytest.mark.parametrize("policy", ["prefix-load", "kv-aware"])
+def test_default_weights_build_the_routing_presets(policy):
+    # the config's defaults and routing's presets are one setting, LoRA affinity included
+    config = parse_config(f"backends: [{{url: 'http://a:1'}}]\nrouting: {{policy: {policy}}}")
+    built, preset = build_profile(config), make_profile(policy)
+    assert [(s.name, w) for s, w in built.scorers] == [(s.name, w) for s, w in preset.scorers]
+    assert [f.name for f in built.filters] == [f.name for f in preset.filters]
+    assert ("lora-affinity", 1.0) in [(s.name, w) for s, w in built.scorers]
+    example = load_config(EXAMPLE_CONFIG).routing
+    assert example.scorer_weights == config.routing.scorer_weights  # it shows the defaults
+    assert example.imbalance_threshold == config.routing.imbalance_threshold
 
 
 def test_cache_settings_build_the_semantic_cache_config():
@@ -176,8 +191,9 @@ def test_every_error_is_listed_in_line_order():
         "gateway.yaml:9: routing.scorer_weights.queue: Input should be a valid number, unable to "
         "parse string as a number (got 'fast')",
         "gateway.yaml:11: semantic_cache.score_threshold: unknown field 'score_threshold': use "
-        "min_cosine_similarity: a cosine similarity, higher is stricter (APIM's score-threshold "
-        "is a distance; brief §7.1)",
+        "min_cosine_similarity: a cosine similarity, higher is stricter (Azure API Management's "
+        "score-threshold is a distance, lower is stricter: min_cosine_similarity = 1 - "
+        "score_threshold)",
         "gateway.yaml:12: semantic_cache.min_cosine_similarity: Input should be less than or "
         "equal to 1 (got 1.5)",
     ]

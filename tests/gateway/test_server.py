@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import time
 
 import httpx
@@ -20,9 +21,9 @@ from starlette.routing import Route
 
 from datahall.core.http import serve_in_thread
 from datahall.gateway.config import GatewayConfig
-from datahall.gateway.server import create_app
+from datahall.gateway.server import _sse_events, create_app
 from datahall.gateway.simulate import SimConfig, serve_backends
-from datahall.gateway.transform import anthropic_sse
+from datahall.gateway.transform import SseDecoder, anthropic_sse
 
 FAST = {"ttft_base_s": 0.001, "prefill_s_per_token": 0.0, "itl_s": 0.001, "response_tokens": 4}
 
@@ -190,6 +191,15 @@ def test_api_keys_and_tenants(two):
         assert gw.post("/v1/chat/completions", json=chat(), headers=auth).status_code == 200
         r = gw.post("/v1/chat/completions", json=chat(), headers={"x-api-key": "sk-app-123456"})
         assert r.status_code == 200
+        # the model list is behind the key too; the operator's routes are not
+        r = gw.get("/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert gw.get("/v1/models", headers={"authorization": "Bearer nope"}).status_code == 401
+        r = gw.get("/v1/models", headers=auth)
+        assert r.status_code == 200 and [m["id"] for m in r.json()["data"]][0] == "gpt-4o"
+        assert gw.get("/v1/models", headers={"x-api-key": "sk-app-123456"}).status_code == 200
+        for path in ("/health", "/ready", "/metrics"):
+            assert gw.get(path).status_code == 200
 
 
 def test_token_rate_limit_429_headers_and_reconciliation(two):
@@ -633,3 +643,184 @@ def test_openai_requests_reach_an_anthropic_backend():
             assert text == "Bonjour à vous"
             r = gw.post("/v1/embeddings", json={"model": "claude-sonnet", "input": "x"})
             assert r.status_code == 400 and "Anthropic" in r.json()["error"]["message"]
+
+
+# --- criticality --------------------------------------------------------------------------------
+
+
+def _saturated_backend(seen: list) -> Starlette:
+    """A backend whose every answer reports a queue of 10 (saturated: GIE's detector says
+    more than 5 waiting), and that counts the requests reaching it."""
+
+    async def chat_route(request: Request) -> Response:
+        body = await request.json()
+        seen.append(body)
+        completion = {
+            "id": f"c{len(seen)}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "ok"},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        report = "TEXT named_metrics.num_requests_waiting=10, named_metrics.kv_cache_usage_perc=0.5"
+        return JSONResponse(completion, headers={"endpoint-load-metrics": report})
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat_route, methods=["POST"])])
+
+
+def test_sheddable_requests_are_shed_when_every_backend_is_saturated():
+    seen: list = []
+    with serve_in_thread(_saturated_backend(seen)) as url:
+        config = make_config([{"name": "busy", "url": url, "models": ["m"], "metrics_path": None}])
+        with gateway(config) as gw:
+
+            def ask(criticality: str | None) -> httpx.Response:
+                headers = {} if criticality is None else {"x-request-criticality": criticality}
+                return gw.post("/v1/chat/completions", json=chat(model="m"), headers=headers)
+
+            # no report yet: nothing is known to be saturated, so even sheddable work goes
+            assert ask("sheddable").status_code == 200
+            assert gw.gateway.router.snapshot()[0]["waiting"] == 10  # now it is saturated
+            r = ask("sheddable")
+            assert r.status_code == 503, r.text
+            err = r.json()["error"]
+            assert err["code"] == "request_shed" and "sheddable" in err["message"]
+            assert ask("Sheddable").status_code == 503  # GIE's spelling in its CRDs
+            assert len(seen) == 1  # shed before reaching the backend
+            # standard (the default) and critical requests still go to the saturated backend
+            assert ask(None).status_code == 200
+            assert ask("standard").status_code == 200
+            assert ask("critical").status_code == 200
+            assert len(seen) == 4
+            r = ask("urgent")
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_criticality"
+            assert "critical, standard, sheddable" in r.json()["error"]["message"]
+            metrics = gw.get("/metrics").text
+            assert 'datahall_gateway_requests_total{route="chat",status="503"} 2.0' in metrics
+
+
+# --- SSE framing --------------------------------------------------------------------------------
+
+
+def _chunk(**choice) -> dict:
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "finish_reason": None, **choice}],
+    }
+
+
+_CRLF_EVENTS = [
+    _chunk(delta={"role": "assistant", "content": ""}),
+    _chunk(delta={"content": "Hel"}),
+    _chunk(delta={"content": "lo"}),
+    _chunk(delta={}, finish_reason="stop"),
+    {**_chunk(), "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+]
+
+
+def _crlf_stream() -> tuple[bytes, list[bytes]]:
+    """An OpenAI stream whose events end in CRLF CRLF, LF LF and once CR CR (all three line
+    ends the SSE spec allows, mixed), and its cut into chunks that each end inside a line
+    end: every CRLF is split between two chunks."""
+    ends = [b"\r\n\r\n", b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\n", b"\r\n\r\n"]
+    payloads = [json.dumps(e).encode() for e in _CRLF_EVENTS] + [b"[DONE]"]
+    events = [b"data: " + p + end for p, end in zip(payloads, ends, strict=True)]
+    data = b"".join(events)
+    chunks, start = [], 0
+    for i, byte in enumerate(data):
+        if byte == ord("\r") and data[i + 1 : i + 2] == b"\n":
+            chunks.append(data[start : i + 1])
+            start = i + 1
+    chunks.append(data[start:])
+    return data, chunks
+
+
+class _Chunks:
+    """A stand-in for an httpx response that yields given chunks."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def aiter_bytes(self):
+        for c in self.chunks:
+            yield c
+
+
+def test_sse_events_split_mixed_line_ends_split_across_chunks():
+    data, chunks = _crlf_stream()
+
+    async def events(parts: list[bytes]) -> list[bytes]:
+        return [e async for e in _sse_events(_Chunks(parts))]
+
+    expected = asyncio.run(events([data]))
+    assert len(expected) == 6 and b"".join(expected) == data  # relayed byte for byte
+    assert [e.split(b":", 1)[0] for e in expected] == [b"data"] * 6
+    assert expected[-1] == b"data: [DONE]\r\n\r\n"
+    assert asyncio.run(events(chunks)) == expected
+    assert asyncio.run(events([bytes([b]) for b in data])) == expected  # one byte at a time
+    rng = random.Random(6)
+    for _ in range(50):  # anywhere else
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, 12)))
+        parts = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        assert asyncio.run(events(parts)) == expected, cuts
+    # blank lines before an event, and a last event the server closed without its blank line
+    assert asyncio.run(events([b"\r\n\ndata: a\r", b"\n\r", b"\ndata: b"])) == [
+        b"data: a\r\n\r\n",
+        b"data: b",
+    ]
+
+
+def _crlf_backend(seen: list) -> Starlette:
+    async def chat_route(request: Request) -> Response:
+        seen.append(await request.json())
+        _, chunks = _crlf_stream()
+
+        async def body():
+            for c in chunks:
+                yield c
+                await asyncio.sleep(0.005)  # so the chunks leave one by one
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat_route, methods=["POST"])])
+
+
+def test_a_backend_with_crlf_line_ends_split_across_chunks_streams_and_caches():
+    seen: list = []
+    with serve_in_thread(_crlf_backend(seen)) as url:
+        backend = {"name": "crlf", "url": url, "models": ["m"], "metrics_path": None}
+        with gateway(make_config([backend], semantic_cache=EXACT_CACHE)) as gw:
+            body = chat(model="m", stream=True, temperature=0)
+            r = gw.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200 and r.headers["x-cache"] == "miss"
+            decoder = SseDecoder()
+            data = [d for _, d in decoder.feed(r.content)]
+            assert data[-1] == "[DONE]"
+            chunks = [json.loads(d) for d in data[:-1]]
+            # every event came through on its own; the usage chunk, which the gateway asked
+            # for and the client did not, was read and hidden
+            assert chunks == _CRLF_EVENTS[:4]
+            metrics = gw.get("/metrics").text
+            assert (
+                'gen_ai_client_token_usage_sum{gen_ai_operation_name="chat",'
+                'gen_ai_request_model="m",gen_ai_token_type="output"} 2.0'
+            ) in metrics
+            # [DONE] was seen, so the stream was complete and stored (after the client's last
+            # byte: wait for it)
+            assert _until(lambda: len(gw.gateway.cache) == 1)
+            r = gw.post("/v1/chat/completions", json=body)
+            assert r.headers["x-cache"] == "hit" and len(seen) == 1
+            text = "".join(
+                json.loads(d)["choices"][0]["delta"].get("content") or ""
+                for d in sse_data(r.text)[:-1]
+            )
+            assert text == "Hello"

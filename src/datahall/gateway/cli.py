@@ -3,8 +3,8 @@
 - ``serve --config gateway.yaml [--host H --port P]``: the gateway (:mod:`.server`) with
   uvicorn until Ctrl-C; one JSON line per request on stdout (``--no-access-log`` to silence).
 - ``check --config gateway.yaml [--json]``: validate the file and print what it sets up.
-- ``sim [--count 4 --speeds 1,1,0.5,0.25 --port-base 8001]``: simulated OpenAI-compatible
-  backends (:mod:`.simulate`) to put behind it.
+- ``sim [--count 4 --speeds 1,1,0.5,0.25 --port-base 8001 --response-tokens 12]``: simulated
+  OpenAI-compatible backends (:mod:`.simulate`) to put behind it.
 
 Bad input (a config error, a port in use) is one line naming the file and line, and exit 2,
 through ``datahall``'s entry point.
@@ -266,6 +266,14 @@ def sim_cmd(
     model: Annotated[
         list[str] | None, typer.Option("--model", "-m", help="model name served (repeatable)")
     ] = None,
+    response_tokens: Annotated[
+        int,
+        typer.Option(
+            help="natural answer length: a request allowing more tokens (16 when it sets no "
+            "max_tokens) ends after this many with finish_reason stop, so the gateway may "
+            "cache it; 0 writes until max_tokens (finish_reason length)",
+        ),
+    ] = 12,
     duration: Annotated[
         float | None, typer.Option(help="stop after this many seconds (default: Ctrl-C)")
     ] = None,
@@ -274,6 +282,10 @@ def sim_cmd(
     """Run simulated OpenAI-compatible backends (queue, prefix cache, ORCA, vLLM metrics)."""
     if count < 1:
         raise ValueError(f"--count must be at least 1, got {count}")
+    if response_tokens < 0:
+        raise ValueError(
+            f"--response-tokens must be 0 (answer until max_tokens) or more, got {response_tokens}"
+        )
     if speeds is None:  # unequal backends by default, as the routing benchmark uses them
         speeds = "1,1,0.5,0.25" if count == 4 else "1"
     values = parse_speeds(speeds, count)
@@ -290,7 +302,12 @@ def sim_cmd(
         for i in range(count):
             sockets.append(_listen(host, port_base + i if port_base else 0, "--port-base"))
         configs = [
-            SimConfig(name=f"sim-{i}", speed=values[i], models=model or ["sim-llm"])
+            SimConfig(
+                name=f"sim-{i}",
+                speed=values[i],
+                models=model or ["sim-llm"],
+                response_tokens=response_tokens or None,
+            )
             for i in range(count)
         ]
         servers, threads = [], []
@@ -309,7 +326,13 @@ def sim_cmd(
                 raise OSError("a simulated backend failed to start; see the log above")
             time.sleep(0.01)
         rows = [
-            {"name": c.name, "url": _url(s), "speed": c.speed, "models": c.models}
+            {
+                "name": c.name,
+                "url": _url(s),
+                "speed": c.speed,
+                "models": c.models,
+                "response_tokens": c.response_tokens,
+            }
             for c, s in zip(configs, sockets, strict=True)
         ]
         if as_json:
@@ -317,6 +340,13 @@ def sim_cmd(
         else:
             for r in rows:
                 console.print(f"{r['name']} {r['url']} speed {r['speed']:g}", highlight=False)
+            ends = (
+                f"answers end after {response_tokens} tokens (finish_reason stop) when "
+                "max_tokens allows more"
+                if response_tokens
+                else "answers run to max_tokens (finish_reason length)"
+            )
+            console.print(ends, highlight=False)
             console.print("Ctrl-C stops" if duration is None else f"stopping in {duration:g} s")
         sys.stdout.flush()
         end = None if duration is None else time.monotonic() + duration

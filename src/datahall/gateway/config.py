@@ -238,12 +238,14 @@ class ModelAlias(_Section):
 
 class ScorerWeights(_Section):
     """Weights of GIE's scorers (brief §2.3; the typical setting is queue 1, KV cache 1,
-    prefix 3). A weight of 0 turns a scorer off."""
+    prefix 3), and of LoRA affinity, 1 as in :data:`~datahall.gateway.routing.PROFILES`
+    (a request without an adapter scores the same everywhere, so it only steers adapters).
+    A weight of 0 turns a scorer off."""
 
     queue: float = Field(1.0, ge=0)
     kv_cache: float = Field(1.0, ge=0)
     prefix: float = Field(3.0, ge=0)
-    lora: float = Field(0.0, ge=0)
+    lora: float = Field(1.0, ge=0)
 
 
 class OrcaSettings(_Section):
@@ -272,8 +274,10 @@ class RoutingSettings(_Section):
     policy: str = "prefix-load"
     scorer_weights: ScorerWeights = Field(default_factory=ScorerWeights)
     imbalance_threshold: int = Field(8, ge=0)
-    """Load gate: when running requests differ by more than this across a pool, the least
-    loaded backend wins whatever the cache affinity (AIBrix's gate; brief §2.3, §7.4)."""
+    """Load gate of ``prefix-load``, in requests (waiting + running): a backend more than this
+    many requests busier than the least loaded candidate is dropped before the scorers run;
+    cache affinity still chooses among the others (AIBrix's gate in filter form,
+    :class:`~datahall.gateway.routing.LoadGapFilter`; brief §2.3, §7.4)."""
     session_header: str = "x-session-id"
     orca: OrcaSettings = Field(default_factory=OrcaSettings)
 
@@ -713,7 +717,8 @@ def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
 
 _HINTS = {
     "score_threshold": "use min_cosine_similarity: a cosine similarity, higher is stricter "
-    "(APIM's score-threshold is a distance; brief §7.1)",
+    "(Azure API Management's score-threshold is a distance, lower is stricter: "
+    "min_cosine_similarity = 1 - score_threshold)",
     "similarity_threshold": "use min_cosine_similarity (a cosine similarity in (0, 1])",
     "distance_threshold": "use min_cosine_similarity = 1 - distance",
 }

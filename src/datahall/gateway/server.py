@@ -9,7 +9,8 @@ breakers) into one Starlette app; the composition and the order of the steps are
   ``POST /v1/messages`` (Anthropic Messages: translated to a chat request inside, so an
   ``anthropic`` client reaches OpenAI backends); a backend whose config says ``api: anthropic``
   gets an Anthropic request and its answer and stream are translated back;
-- ``GET /v1/models`` (the aliases and the pools' models), ``/health`` (the process answers),
+- ``GET /v1/models`` (the aliases and the pools' models; with keys configured it needs one, as
+  the API routes do), ``/health`` (the process answers),
   ``/ready`` (every pool has a backend up) and ``/metrics`` (Prometheus text).
 
 Each request goes through, in this order (a failing step answers with OpenAI's error shape,
@@ -17,14 +18,17 @@ Each request goes through, in this order (a failing step answers with OpenAI's e
 
 1. **size**: the body's bytes (413), then messages and estimated prompt tokens (400);
 2. **JSON**: a body that is not a JSON object (400);
-3. **API key → tenant**: with keys configured, a missing or unknown key is a 401;
+3. **API key → tenant**: with keys configured, a missing or unknown key is a 401; the
+   ``x-request-criticality`` header (``critical``, ``standard``, ``sheddable``; GIE's names)
+   is read here, an unknown value is a 400;
 4. **token rate limit** per key and tenant: 429 with ``Retry-After`` and the remaining-token
    headers; the estimate is reconciled with the answer's ``usage`` afterwards (§2.5);
 5. **model alias → pool**: an unknown model is a 404 ``model_not_found``;
 6. **transforms** (templates, system prompt, guard, redaction): a refusal answers with its status;
 7. **response cache** (chat only): a hit is replayed, as SSE to a streaming client and as JSON
    otherwise, with ``x-cache: hit`` and the similarity; a miss says ``x-cache: miss``;
-8. **routing**: ``Router.pick``; every upstream request carries
+8. **routing**: ``Router.pick`` (a sheddable request finding every backend saturated is shed
+   with a 503 ``request_shed``); every upstream request carries
    ``endpoint-load-metrics-format``, and every upstream answer's headers feed the router's ORCA
    snapshot (a malformed report is counted and ignored);
 9. **send**, retried on another backend after a connect error, a retryable status (429, 5xx) or
@@ -57,6 +61,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -72,7 +77,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from datahall.gateway.config import Backend, GatewayConfig
+from datahall.core.http import TTFT_BUCKETS
+from datahall.gateway.config import ApiKey, Backend, GatewayConfig
 from datahall.gateway.orca import (
     ENDPOINT_LOAD_METRICS,
     ENDPOINT_LOAD_METRICS_BIN,
@@ -94,6 +100,7 @@ from datahall.gateway.resilience import (
     send_with_retries,
 )
 from datahall.gateway.routing import (
+    CRITICALITIES,
     Endpoint,
     LoadGapFilter,
     NoEndpoint,
@@ -151,6 +158,9 @@ ttft, duration, tokens)."""
 REQUEST_ID = "x-request-id"
 BACKEND = "x-gateway-backend"
 """Response header naming the backend that answered."""
+CRITICALITY = "x-request-criticality"
+"""Request header with the request's criticality: ``critical``, ``standard`` (the default) or
+``sheddable``, as the Gateway API Inference Extension names them."""
 ANTHROPIC_VERSION = "2023-06-01"
 
 _OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
@@ -181,15 +191,19 @@ _DROP = frozenset(
     }
 )
 _DONE = b"data: [DONE]\n\n"
-# OpenTelemetry GenAI semantic conventions' advised buckets
+# The OpenTelemetry GenAI semantic conventions' advised buckets. For the time to first token
+# the gateway takes vLLM's (datahall.core.http.TTFT_BUCKETS, as the kvshare server and the
+# simulator do): they hold every bound OTel advises (0.001 .. 10 s) and go on past 10 s, where
+# a queued request still waits within the default timeouts.ttft_s of 30 s.
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 # fmt: off
 _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                      40.96, 81.92)
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                 5.0, 7.5, 10.0)
 # fmt: on
 _TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+# An SSE event ends at a blank line. A line ends with CRLF, LF or a lone CR (the SSE spec's
+# three), and one stream may mix them; a CR is "lone" only when no LF follows.
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 
 
 class _NoCookies(httpx.Cookies):
@@ -219,21 +233,23 @@ def build_profile(config: GatewayConfig) -> Profile:
     """The routing profile ``routing.policy`` names (a preset of ``routing.PROFILES``), tuned by
     the config: ``scorer_weights`` and ``imbalance_threshold`` for the scorer presets
     (``prefix-load``, ``kv-aware``), the ``orca`` settings for ``orca-wrr``. A weight of 0
-    leaves its scorer out.
+    leaves its scorer out; the default weights build the presets themselves.
 
     >>> from datahall.gateway.config import parse_config
     >>> p = build_profile(parse_config("backends: [{url: 'http://a:1'}]"))
     >>> p.name, [(s.name, w) for s, w in p.scorers], [f.name for f in p.filters]
-    ('prefix-load', [('queue', 1.0), ('kv-cache', 1.0), ('prefix', 3.0)], ['load-gap'])
+    ('prefix-load', [('queue', 1.0), ('kv-cache', 1.0), ('prefix', 3.0), ('lora-affinity', 1.0)], ['load-gap'])
     """
     routing = config.routing
     w = routing.scorer_weights
     if routing.policy in ("prefix-load", "kv-aware"):
-        weights = {"queue": w.queue, "kv-cache": w.kv_cache, "lora-affinity": w.lora}
+        # in the presets' order, so that ties and scores read the same as theirs
+        weights = {"queue": w.queue, "kv-cache": w.kv_cache}
         filters = []
         if routing.policy == "prefix-load":
             weights["prefix"] = w.prefix
             filters = [LoadGapFilter(routing.imbalance_threshold)]
+        weights["lora-affinity"] = w.lora
         used = {name: weight for name, weight in weights.items() if weight > 0}
         return compose(used, filters=filters, name=routing.policy)
     if routing.policy == "orca-wrr":
@@ -271,6 +287,7 @@ class _Call:
     pool: str | None = None
     tenant: str = "default"
     key: str | None = None
+    criticality: str = "standard"
     reservation: Reservation | None = None
     headers: dict[str, str] = field(default_factory=dict)  # gateway headers for the client
     lookup: CacheLookup | None = None
@@ -325,23 +342,34 @@ def _event_data(event: bytes) -> str:
 
 
 async def _sse_events(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The complete SSE events of an upstream stream, each as bytes, as soon as each arrives.
-    A final piece without its blank line (a server that closed cleanly mid-event) is yielded
-    as it is."""
+    """The complete SSE events of an upstream stream, each as its own bytes (relayed as they
+    came), as soon as each arrives; line ends may be CRLF, LF or CR, mixed, and split across
+    chunks. Blank lines before an event are dropped, so each event starts with its first
+    field. A final piece without its blank line (a server that closed cleanly mid-event) is
+    yielded as it is.
+
+    (:class:`~datahall.gateway.transform.SseDecoder` parses the same framing into each event's
+    data; the relay needs the bytes themselves, to forward them untouched.)"""
     buffer = b""
+    resume = 0  # where the next search starts: no event ends before it
     async for chunk in response.aiter_bytes():
         buffer = buffer + chunk if buffer else chunk
-        while True:
-            end = buffer.find(b"\n\n")
-            size = 2
-            if end < 0 and b"\r" in buffer:
-                end, size = buffer.find(b"\r\n\r\n"), 4
-            if end < 0:
-                break
-            event, buffer = buffer[: end + size], buffer[end + size :]
-            yield event
-    if buffer.strip():
-        yield buffer
+        start = 0
+        while (m := _EVENT_END.search(buffer, max(start, resume))) is not None:
+            end = m.end()
+            if end == len(buffer) and buffer[-1:] == b"\r":
+                break  # maybe the first half of a CRLF: the next chunk tells
+            event = buffer[start:end].lstrip(b"\r\n")
+            start = end
+            if event:
+                yield event
+        buffer = buffer[start:]
+        # an event's end is at most 4 bytes (CRLF CRLF): one that the next chunk completes
+        # starts within the last 3 bytes of this buffer, so older bytes need no new search
+        resume = max(0, len(buffer) - 3)
+    event = buffer.lstrip(b"\r\n")
+    if event.strip():
+        yield event
 
 
 async def _anthropic_events(response: httpx.Response) -> AsyncIterator[bytes]:
@@ -526,7 +554,7 @@ class _Metrics:
             "gen_ai_server_time_to_first_token_seconds",
             "Time to the first streamed event (gen_ai.server.time_to_first_token).",
             labels,
-            buckets=_TTFT_BUCKETS,
+            buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.tpot = Histogram(
@@ -817,8 +845,15 @@ class Gateway:
         return b"".join(chunks)
 
     def _authenticate(self, call: _Call, request: Request) -> None:
+        key = self._api_key(request)
+        if key is not None:
+            call.key, call.tenant = key.name, key.tenant
+
+    def _api_key(self, request: Request) -> ApiKey | None:
+        """The client's key (None when no keys are configured); a 401 PolicyError when keys
+        are configured and the request has none or an unknown one."""
         if not self.keys:
-            return
+            return None
         secret = request.headers.get("x-api-key")
         auth = request.headers.get("authorization")
         if auth is not None and auth[:7].lower() == "bearer ":
@@ -839,7 +874,24 @@ class Gateway:
                 type="invalid_request_error",
                 code="invalid_api_key",
             )
-        call.key, call.tenant = key.name, key.tenant
+        return key
+
+    def _criticality(self, request: Request) -> str:
+        """The request's criticality from ``x-request-criticality`` (GIE's names; without the
+        header ``standard``): a ``sheddable`` request is refused when every backend is
+        saturated, rather than added to a queue that is already long."""
+        value = request.headers.get(CRITICALITY)
+        if value is None:
+            return "standard"
+        name = value.strip().lower()
+        if name not in CRITICALITIES:
+            raise PolicyError(
+                400,
+                f"header {CRITICALITY} must be one of {', '.join(CRITICALITIES)} "
+                f"(got {value!r}); leave it out for standard",
+                code="invalid_criticality",
+            )
+        return name
 
     def _resolve(self, call: _Call, body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         """Alias → pool and backend model; the body with the backend's model name, and the
@@ -889,10 +941,16 @@ class Gateway:
                 adapter=adapter,
                 session_id=session,
                 tenant=call.tenant,
+                priority=call.criticality,
                 pool=call.pool,
             )
         return RequestInfo(
-            model=model, adapter=adapter, session_id=session, tenant=call.tenant, pool=call.pool
+            model=model,
+            adapter=adapter,
+            session_id=session,
+            tenant=call.tenant,
+            priority=call.criticality,
+            pool=call.pool,
         )
 
     # -- the pipeline
@@ -942,8 +1000,9 @@ class Gateway:
             raise PolicyError(400, "the request body must be a JSON object", code="invalid_json")
         estimate = self.size.check(body)
         call.stream = body.get("stream") is True
-        # 3. key and tenant
+        # 3. key and tenant (and the criticality the client claims)
         self._authenticate(call, request)
+        call.criticality = self._criticality(request)
         # 4. token rate limit
         limits = self.limits.get(call.key) or {}
         if limits and self.limiter is not None:
@@ -1011,6 +1070,13 @@ class Gateway:
         except NoEndpoint as e:
             if e.reason == "unknown":
                 raise self._unknown_model(call.model) from None
+            if e.reason == "saturated":
+                raise PolicyError(
+                    503,
+                    f"the request was shed: {e}",
+                    type="server_error",
+                    code="request_shed",
+                ) from None
             retry = e.retry_after
             headers = {"retry-after": str(max(1, math.ceil(retry)))} if retry else {}
             raise PolicyError(
@@ -1260,6 +1326,11 @@ class Gateway:
     # -- plain routes
 
     async def models(self, request: Request) -> Response:
+        # the model list tells what a fleet serves: behind keys, as the API routes are
+        try:
+            self._api_key(request)
+        except PolicyError as e:
+            return JSONResponse(e.openai_body(), e.status, e.headers)
         created = int(time.time())
         data, seen = [], set()
         for alias, target in self.aliases.items():
