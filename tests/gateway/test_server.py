@@ -809,13 +809,13 @@ def test_a_backend_with_crlf_line_ends_split_across_chunks_streams_and_caches():
             # every event came through on its own; the usage chunk, which the gateway asked
             # for and the client did not, was read and hidden
             assert chunks == _CRLF_EVENTS[:4]
-            metrics = gw.get("/metrics").text
-            assert (
+            # the accounting and the store run after the client's last byte: wait for them
+            usage = (
                 'gen_ai_client_token_usage_sum{gen_ai_operation_name="chat",'
                 'gen_ai_request_model="m",gen_ai_token_type="output"} 2.0'
-            ) in metrics
-            # [DONE] was seen, so the stream was complete and stored (after the client's last
-            # byte: wait for it)
+            )
+            assert _until(lambda: usage in gw.get("/metrics").text)
+            # [DONE] was seen, so the stream was complete and stored
             assert _until(lambda: len(gw.gateway.cache) == 1)
             r = gw.post("/v1/chat/completions", json=body)
             assert r.headers["x-cache"] == "hit" and len(seen) == 1
