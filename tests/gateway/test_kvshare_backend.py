@@ -24,28 +24,12 @@ from datahall.gateway.resilience import parse_vllm_metrics  # noqa: E402
 from datahall.gateway.server import create_app  # noqa: E402
 from datahall.kvshare.engine import Engine  # noqa: E402
 from datahall.kvshare.models import Model, architecture, tiny  # noqa: E402
+from datahall.kvshare.server import ByteTokenizer  # noqa: E402
 from datahall.kvshare.server import create_app as kvshare_app  # noqa: E402
 from datahall.kvshare.store import LocalStore  # noqa: E402
 
 NAMES = {"alpha": "a", "beta": "b"}  # served name -> the engine's variant
 DOC = "A shared document that every question below starts with, as agents do. " * 2
-
-
-class ByteTokenizer:
-    """Token id = byte + 3 (0 pad, 1 bos, 2 eos), with a trivial chat template: what the
-    kvshare server needs of a tokenizer, without downloading one."""
-
-    offset, eos_token_id = 3, 2
-
-    def apply_chat_template(self, messages, *, tokenize=False, add_generation_prompt=True):
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
-        return text + ("<assistant>" if add_generation_prompt else "")
-
-    def encode(self, text, add_special_tokens=True):
-        return [b + self.offset for b in text.encode()]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return bytes(i - self.offset for i in ids if i >= self.offset).decode("utf-8", "replace")
 
 
 def _variant(name: str, seed: int) -> Model:

@@ -18,6 +18,7 @@ __all__ = [
     "ITL_BUCKETS",
     "TTFT_BUCKETS",
     "ClientDisconnected",
+    "listen",
     "serve_in_thread",
     "unless_disconnected",
 ]
@@ -66,6 +67,34 @@ async def unless_disconnected(
     return task.result()
 
 
+def listen(host: str, port: int, option: str = "--port", backlog: int = 1024) -> socket.socket:
+    """A listening TCP socket on host:port (0 picks a free port); ValueError or OSError saying
+    which command-line `option` to change when the port is out of range or taken."""
+    if not 0 <= port <= 65535:
+        raise ValueError(
+            f"{option} must be a port number in 0..65535 (0 picks a free one), got {port}"
+        )
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve host {host!r}: {e.strerror}") from None
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that name it, and without
+    # it every response whose headers and body go out in two writes waits ~40 ms (Nagle's
+    # algorithm against the client's delayed ACK)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise OSError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}; pick another {option} "
+            "(0 picks a free one)"
+        ) from None
+    return sock
+
+
 @contextlib.contextmanager
 def serve_in_thread(app, *, host: str = "127.0.0.1", timeout: float = 10.0) -> Iterator[str]:
     """Serve the ASGI `app` with uvicorn on a free port of `host` in a daemon thread; yields
@@ -73,13 +102,7 @@ def serve_in_thread(app, *, host: str = "127.0.0.1", timeout: float = 10.0) -> I
     (lifespan included) on exit. Raises RuntimeError if it does not start within `timeout`."""
     import uvicorn
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that name it, and without
-    # it every response whose headers and body go out in two writes waits ~40 ms (Nagle's
-    # algorithm against the client's delayed ACK)
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
+    sock = listen(host, 0)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     # the socket is bound before the thread starts, so no other process can take the port

@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from ..core.cli import emit_json
+from ..core.http import listen
 from ..core.report import console, print_table
 
 app = typer.Typer(
@@ -37,31 +38,6 @@ ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="the gateway.yaml to use", show_default=False)
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
-
-
-def _listen(host: str, port: int, option: str = "--port") -> socket.socket:
-    """A listening TCP socket on host:port, or OSError saying what to change."""
-    if not 0 <= port <= 65535:
-        raise ValueError(
-            f"{option} must be a port number in 0..65535 (0 picks a free one), got {port}"
-        )
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as e:
-        raise OSError(f"cannot resolve host {host!r}: {e.strerror}") from None
-    # IPPROTO_TCP so that asyncio sets TCP_NODELAY (see datahall.core.http)
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError as e:
-        sock.close()
-        raise OSError(
-            f"cannot listen on {host}:{port}: {e.strerror or e}; pick another {option} "
-            "(0 picks a free one)"
-        ) from None
-    return sock
 
 
 def _url(sock: socket.socket) -> str:
@@ -203,7 +179,7 @@ def serve_cmd(
     sockets = []
     try:
         for h, p in pairs:
-            sockets.append(_listen(h, p))
+            sockets.append(listen(h, p))
         import uvicorn
 
         _logging(access_log)
@@ -300,7 +276,7 @@ def sim_cmd(
     sockets = []
     try:
         for i in range(count):
-            sockets.append(_listen(host, port_base + i if port_base else 0, "--port-base"))
+            sockets.append(listen(host, port_base + i if port_base else 0, "--port-base"))
         configs = [
             SimConfig(
                 name=f"sim-{i}",

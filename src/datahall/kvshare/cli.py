@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ..core.cli import emit_json
+from ..core.http import listen
 from ..core.report import console, err_console, print_table, progress_bar, write_json
 
 app = typer.Typer(
@@ -384,32 +384,6 @@ def eval_cmd(
         console.print(f"results: {out}")
 
 
-def _listen(host: str, port: int, option: str) -> socket.socket:
-    """A listening TCP socket on host:port, or OSError saying what to change."""
-    if not 0 <= port <= 65535:
-        raise ValueError(
-            f"{option} must be a port number in 0..65535 (0 picks a free one), got {port}"
-        )
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as e:
-        raise OSError(f"cannot resolve --host {host!r}: {e.strerror}") from None
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that name it (else each
-    # streamed chunk may wait ~40 ms for the client's delayed ACK)
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(128)
-    except OSError as e:
-        sock.close()
-        raise OSError(
-            f"cannot listen on {host}:{port}: {e.strerror or e}; pick another {option} "
-            "(0 picks a free one)"
-        ) from None
-    return sock
-
-
 @app.command("serve")
 def serve_cmd(
     model: Annotated[
@@ -512,7 +486,7 @@ def serve_cmd(
     budget = int(parse_bytes(kv_cache_bytes)) if kv_cache_bytes else None
     capacity = int(parse_bytes(store_bytes))
     ttl_s = float(parse_time(ttl)) if ttl else None
-    listener = _listen(host, port, "--port")
+    listener = listen(host, port, "--port")
     node = remote = None
     try:
         import uvicorn
