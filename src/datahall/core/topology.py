@@ -67,6 +67,7 @@ class NodeKind(StrEnum):
     IB = "ib"
     MPD = "mpd"
     ROADM = "roadm"
+    ROUTER = "router"
 
 
 COMPUTE_KINDS = frozenset({NodeKind.GPU})
@@ -167,7 +168,8 @@ def validate(G: nx.DiGraph) -> None:
     """Raise :class:`TopologyError` unless `G` is a usable fabric.
 
     Checks: every node has a known kind; every arc a positive capacity and non-negative latency;
-    at least one compute node; every compute node reaches, and is reached from, every other.
+    at least one compute node; every compute node reaches, and is reached from, every other. A
+    WAN has no compute nodes: there its routers are the endpoints that must reach each other.
     """
     name = G.graph.get("name", "topology")
     for n, kind in G.nodes(data="kind"):
@@ -187,7 +189,7 @@ def validate(G: nx.DiGraph) -> None:
             )
         if float(d.get("latency", 0.0)) < 0:
             raise TopologyError(f"{where}: latency must be >= 0, got {d['latency']}")
-    gpus = compute_nodes(G)
+    gpus = compute_nodes(G) or [n for n, k in G.nodes(data="kind") if k == NodeKind.ROUTER]
     if not gpus:
         raise TopologyError(
             f'{name}: no compute nodes; mark GPUs with "kind": "gpu" (got kinds '

@@ -19,6 +19,7 @@ from ..topology import TopologyError
 from .boxes import dgx_a100, dgx_h100, mi250
 from .clusters import leaf_spine, rail_optimized
 from .simple import direct_connect, random_fabric, ring, torus
+from .wan import wan
 
 __all__ = [
     "GENERATORS",
@@ -32,6 +33,7 @@ __all__ = [
     "torus",
     "direct_connect",
     "random_fabric",
+    "wan",
 ]
 
 GENERATORS: dict[str, Callable[..., nx.DiGraph]] = {
@@ -44,6 +46,7 @@ GENERATORS: dict[str, Callable[..., nx.DiGraph]] = {
     "torus": torus,
     "direct-connect": direct_connect,
     "random": random_fabric,
+    "wan": wan,
 }
 
 
@@ -63,7 +66,7 @@ def _generator(name: str) -> Callable[..., nx.DiGraph]:
         ) from None
 
 
-def build(name: str, **params: Any) -> nx.DiGraph:
+def build(name: str, /, **params: Any) -> nx.DiGraph:
     """Build the topology `name` with generator keyword arguments; unknown names or parameters
     raise :class:`TopologyError` naming the choices."""
     gen = _generator(name)

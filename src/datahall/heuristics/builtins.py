@@ -1,0 +1,107 @@
+"""The built-in problems, by name: each a plain Python heuristic beside its optimum.
+
+======== ============================================================ ==========================
+name     heuristic                                                    optimum
+======== ============================================================ ==========================
+dp       demand pinning (MetaOpt, NSDI '24) on a WAN from topohub     multi-commodity max-flow
+pop      POP, random partitions (Narayanan et al., SOSP '21)          multi-commodity max-flow
+ff       first-fit vector bin packing                                 MILP
+ffd      first-fit-decreasing vector bin packing                      MILP
+knapsack greedy by value density                                      dynamic programming
+matching greedy maximum-weight matching                               blossom (networkx)
+======== ============================================================ ==========================
+
+>>> sorted(BUILTINS)
+['dp', 'ff', 'ffd', 'knapsack', 'matching', 'pop']
+>>> build("knapsack", items=3).dim
+6
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from .problem import Problem, ProblemError
+
+__all__ = ["BUILTINS", "build", "parameters"]
+
+
+def _dp(topology: str = "abilene", pairs: Any = "all", k: int = 4, **kw: Any) -> Problem:
+    from .te import builtin_te
+
+    return builtin_te("dp", topology=topology, pairs=pairs, k=k, **kw)
+
+
+def _pop(topology: str = "abilene", pairs: Any = "all", k: int = 4, **kw: Any) -> Problem:
+    from .te import builtin_te
+
+    return builtin_te("pop", topology=topology, pairs=pairs, k=k, **kw)
+
+
+def _ff(items: int = 8, dims: int = 1, capacity: int = 10) -> Problem:
+    from .packing import bin_packing_problem
+
+    return bin_packing_problem("ff", items=items, dims=dims, capacity=capacity)
+
+
+def _ffd(items: int = 8, dims: int = 1, capacity: int = 10) -> Problem:
+    from .packing import bin_packing_problem
+
+    return bin_packing_problem("ffd", items=items, dims=dims, capacity=capacity)
+
+
+def _knapsack(items: int = 8, capacity: int = 20, max_value: int = 100) -> Problem:
+    from .knapsack import knapsack_problem
+
+    return knapsack_problem(items=items, capacity=capacity, max_value=max_value)
+
+
+def _matching(max_weight: int = 10, seed: int = 0) -> Problem:
+    from .matching import matching_problem
+
+    return matching_problem(max_weight=max_weight, seed=seed)
+
+
+BUILTINS: dict[str, Callable[..., Problem]] = {
+    "dp": _dp,
+    "pop": _pop,
+    "ff": _ff,
+    "ffd": _ffd,
+    "knapsack": _knapsack,
+    "matching": _matching,
+}
+
+# Keywords the TE builders pass on to te.builtin_te beyond their own signature.
+_TE_EXTRA = {"threshold", "max_demand", "parts", "draws", "seed", "capacity"}
+
+
+def parameters(name: str) -> dict[str, Any]:
+    """The keyword parameters of built-in `name` with their defaults."""
+    sig = inspect.signature(_get(name))
+    out = {p.name: p.default for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD}
+    if name in ("dp", "pop"):
+        out.update(dict.fromkeys(sorted(_TE_EXTRA)))
+    return out
+
+
+def _get(name: str) -> Callable[..., Problem]:
+    try:
+        return BUILTINS[name]
+    except KeyError:
+        raise ProblemError(
+            f"unknown built-in problem {name!r}; choose one of {', '.join(sorted(BUILTINS))}"
+        ) from None
+
+
+def build(name: str, **params: Any) -> Problem:
+    """The built-in problem `name` with its parameters; unknown names or parameters raise
+    :class:`ProblemError` naming the choices."""
+    known = parameters(name)
+    for key in params:
+        if key not in known:
+            raise ProblemError(
+                f"built-in {name!r} has no parameter {key!r}; it takes {', '.join(known)}"
+            )
+    return _get(name)(**params)
