@@ -96,6 +96,9 @@ SYSTEMS: tuple[System, ...] = (
         "datahall.heuristics",
         "finds worst-case inputs of heuristics straight from their source code",
         "MetaEase, NSDI '26 (MetaOpt, NSDI '24)",
+        "ready",
+        "datahall.heuristics.cli:app",
+        "datahall.heuristics.demo:run",
     ),
     System(
         "ebpf",

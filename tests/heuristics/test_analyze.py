@@ -60,8 +60,11 @@ def test_a_path_dependent_random_heuristic_is_caught():
 
 
 def test_bounds_that_contradict_constraints():
-    with pytest.raises(ProblemError, match="no input satisfies"):
-        check_problem(Problem("c", _pinned, _sum_opt, [1, 1], [5, 5], A=[[1, 1]], b=[1]))
+    with pytest.raises(ProblemError, match="no input in the bounds satisfies A x <= b"):
+        Problem("c", _pinned, _sum_opt, [1, 1], [5, 5], A=[[1, 1]], b=[1])
+    # x0 + x1 >= 6: the all-min input is not feasible, but projections find feasible points
+    p = Problem("c", _pinned, _sum_opt, [0, 0], [5, 5], A=[[-1, -1]], b=[-6])
+    assert p.feasible(p.project(np.zeros(2))) and check_problem(p) == []
     with pytest.raises(ProblemError, match="force 2 non-zero"):
         Problem("c", _pinned, _sum_opt, [1, 1], [5, 5], max_nonzero=1)
     with pytest.raises(ProblemError, match="is empty"):

@@ -121,7 +121,7 @@ def test_dp_search_quality_oracle():
     assert r.gap == pytest.approx(5.0, abs=1e-9)
     assert r.demands[1] == 5.0 and r.demands[0] in (100.0, 200.0)
     assert r.optimum == pytest.approx(105.0) and r.heuristic == pytest.approx(100.0)
-    assert r.normalised == pytest.approx(5 / 400)
+    assert r.normalized == pytest.approx(5 / 400)
     assert r.levels == (5.0, 100.0, 200.0)
     assert r.info["pinned_load_fits"]
 

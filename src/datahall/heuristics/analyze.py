@@ -120,19 +120,19 @@ def _user_error(problem: Problem, what: str, x: np.ndarray, e: BaseException) ->
 def check_problem(problem: Problem, seed: int = 0) -> list[str]:
     """Check that `problem` can be analysed: its input space is not empty, the heuristic and the
     optimum run and return finite numbers, and the heuristic is deterministic (same value and
-    same code path twice on the same inputs). Raises :class:`ProblemError` naming the first
+    same code path twice on each of eight inputs: all-min, all-max and six random ones). Raises :class:`ProblemError` naming the first
     failure; returns notes (e.g. that the heuristic's branches are invisible to the tracer).
     """
     notes: list[str] = []
     x_min = problem.project(problem.lower.copy())
     if not problem.feasible(x_min):
         raise ProblemError(
-            f"{problem.name}: no input satisfies the bounds and constraints "
-            "(the all-min input violates A x <= b); relax the constraints or the bounds"
+            f"{problem.name}: cannot find an input that meets the bounds and the constraints "
+            f"together (tried {problem.show(x_min)}); relax the constraints or the bounds"
         )
     rng = np.random.default_rng(seed)
     points = [x_min, problem.project(problem.upper.copy())]
-    points.append(problem.project(rng.uniform(problem.lower, problem.upper)))
+    points += [problem.project(rng.uniform(problem.lower, problem.upper)) for _ in range(6)]
     branches = 0
     for x in points:
         try:
@@ -168,8 +168,9 @@ def check_problem(problem: Problem, seed: int = 0) -> list[str]:
             raise _user_error(problem, "optimum", x, e) from e
     if branches == 0:
         notes.append(
-            "the heuristic made no branch on its inputs that the tracer could see (it may "
-            "convert them with float() first); seeds are random instead of one per path"
+            "the heuristic took no branch on its inputs that the tracer could see (it has "
+            "none, or converts its inputs with float() before branching): one code path, so the "
+            "seeds are the all-min, all-max and random inputs"
         )
     return notes
 
@@ -262,14 +263,18 @@ def analyze(
             continue
         seeds.append(Seed("path", x, p.id, g))
     seeds.sort(key=lambda s: -s.gap)
-    first = seeds[: max(1, max_seeds - 2 - random_seeds)]
-    later = seeds[len(first) :]
-    have = {s.path for s in first}
+    paths = seeds[: max(1, max_seeds - 2 - random_seeds)]
+    later = seeds[len(paths) :]
+    have = {s.path for s in paths}
+    extras = []
     for source, x in [("all-max", x_max), ("all-min", x_min)] + [("random", r) for r in randoms]:
         pid = trace(problem.heuristic, x.tolist(), symbolic=False, integer=problem.integer).path
         if source == "random" or pid not in have:
-            first.append(Seed(source, x, pid, problem.evaluate(x)[0]))
+            extras.append(Seed(source, x, pid, problem.evaluate(x)[0]))
             have.add(pid)
+    # The two best path seeds, then all-max, all-min and a random input (MetaEase's extra
+    # seeds), then the rest: short budgets reach only the first few.
+    first = paths[:2] + extras[:3] + paths[2:] + extras[3:]
 
     def seed_stream():
         """The first round, then the other paths' seeds, then fresh random inputs, for as long
@@ -289,7 +294,9 @@ def analyze(
             notes.append(f"problem does not pickle ({type(e).__name__}); ran in one process")
             workers = 1
     left = max(0.0, wall_deadline - time.time())
-    per_seed = max(left * workers / len(first), min(left, 1.0))
+    # The best-ranked seeds get an eighth of the budget each: a climb with hops needs seconds,
+    # and seeds that converge sooner hand their time to the next ones.
+    per_seed = max(left * workers / min(len(first), 8), min(left, 1.0))
     opts = {"coords": coords, "surrogate": surrogate}
     chosen: list[Seed] = []
     stream = seed_stream()

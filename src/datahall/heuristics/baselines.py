@@ -207,6 +207,20 @@ def _neighbour(
     return y
 
 
+def _stop_recast(opt: Any) -> None:
+    """Stop the worker thread of nevergrad's scipy-based ("recast") optimisers, nested ones
+    included: a thread left waiting for a loss keeps the interpreter from exiting."""
+    seen: set[int] = set()
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        thread = getattr(opt, "_messaging_thread", None)
+        if thread is not None:
+            with contextlib.suppress(Exception):
+                thread.stop()
+                thread._thread.join(timeout=1.0)  # let it wind down while warnings are filtered
+        opt = getattr(opt, "_optim", None)
+
+
 def random_search(
     problem: Problem, budget_s: float, seed: int = 0, max_evals: int | None = None
 ) -> SearchResult:
@@ -383,6 +397,7 @@ def nevergrad_search(
     *,
     optimizer: str = "NGOpt",
     planned_evals: int | None = None,
+    fallback: str | None = "OnePlusOne",
 ) -> SearchResult:
     """Maximise the gap with a `nevergrad <https://facebookresearch.github.io/nevergrad/>`_
     optimiser (ask/tell), one of the black-box baselines MetaEase is compared against.
@@ -402,9 +417,14 @@ def nevergrad_search(
         A name in ``nevergrad.optimizers.registry`` (``"NGOpt"``, ``"CMA"``, ``"TwoPointsDE"``, ...).
     planned_evals : int, optional
         The budget announced to the optimiser.
+    fallback : str or None
+        If the optimiser itself raises (nevergrad 1.0.12's metamodel, which ``NGOpt`` picks for
+        small continuous problems, fails under numpy 2), the search goes on with this optimiser
+        from the best input so far; ``None`` ends the search there, keeping its best result.
 
     ``info["optimizer"]`` is the name asked for; ``info["chosen"]`` the algorithm ``NGOpt``
-    picked, when it is a wrapper.
+    picked, when it is a wrapper; ``info["optimizer_error"]`` and ``info["fallback"]`` are set
+    when the optimiser failed.
 
     Raises
     ------
@@ -416,9 +436,9 @@ def nevergrad_search(
     >>> from datahall.heuristics.problem import Optimum, Problem
     >>> p = Problem("first", heuristic=lambda x: x[0], optimum=lambda x: Optimum(max(x)),
     ...             lower=[0, 0], upper=[9, 9])
-    >>> r = nevergrad_search(p, budget_s=5.0, max_evals=200)
-    >>> r.method, r.gap, r.evaluations
-    ('nevergrad', 9.0, 200)
+    >>> r = nevergrad_search(p, budget_s=5.0, max_evals=1000)
+    >>> r.method, r.gap, r.evaluations, r.info["chosen"]
+    ('nevergrad', 9.0, 1000, '_OnePlusOne')
     """
     try:
         import nevergrad as ng
@@ -445,31 +465,51 @@ def nevergrad_search(
             ev(centre)
             planned = int(np.clip(budget_s / (time.perf_counter() - t + 5e-4), 30, 100_000))
         pad = 0.4999 if problem.integer else 0.0  # every integer gets an equal share of the box
-        param = ng.p.Array(init=centre[free], lower=lo[free] - pad, upper=hi[free] + pad)
-        if problem.integer:
-            param.set_integer_casting()
-        param.random_state = np.random.RandomState(seed)
-        opt = ng.optimizers.registry[optimizer](
-            parametrization=param, budget=planned, num_workers=1
-        )
+
+        def make(name: str, init: np.ndarray) -> Any:
+            param = ng.p.Array(init=init, lower=lo[free] - pad, upper=hi[free] + pad)
+            if problem.integer:
+                param.set_integer_casting()
+            param.random_state = np.random.RandomState(seed)
+            budget = max(planned - ev.evaluations, 30)
+            return ng.optimizers.registry[name](parametrization=param, budget=budget, num_workers=1)
+
+        name = optimizer
+        opt = make(name, centre[free])
         ev.info.update(optimizer=optimizer, planned_evals=planned)
         worst: float | None = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ng.errors.NevergradWarning)
+            warnings.filterwarnings("ignore", module=r"cma(\.|$)")  # CMA's injection notices
+            warnings.filterwarnings("ignore", module=r"scipy\._lib\.pyprima")  # COBYLA's RHOEND
             try:
                 while True:
-                    cand = opt.ask()
-                    x = full.copy()
-                    x[free] = cand.value
-                    g, _ = ev(x)
-                    if g is not None:
-                        worst = g if worst is None else min(worst, g)
-                        opt.tell(cand, -g)
-                    else:
-                        opt.tell(cand, 0.0 if worst is None else -worst + abs(worst) + 1.0)
+                    ev.check()  # before asking too: some optimisers take a while to ask
+                    try:
+                        cand = opt.ask()
+                        x = full.copy()
+                        x[free] = cand.value
+                        g, _ = ev(x)
+                        if g is not None:
+                            worst = g if worst is None else min(worst, g)
+                        fail = 0.0 if worst is None else -worst + abs(worst) + 1.0
+                        opt.tell(cand, fail if g is None else -g)
+                    except _Stop:
+                        raise
+                    except Exception as exc:  # a failure inside nevergrad: keep what was found
+                        ev.info.setdefault(
+                            "optimizer_error", f"{name}: {type(exc).__name__}: {exc}"
+                        )
+                        _stop_recast(opt)
+                        if fallback is None or name == fallback:
+                            ev.stopped = "optimizer_error"
+                            return
+                        name = ev.info["fallback"] = fallback
+                        opt = make(name, (centre if ev.best_x is None else ev.best_x)[free])
             finally:
-                with contextlib.suppress(AttributeError):  # NGOpt and kin wrap their pick
+                with contextlib.suppress(Exception):  # NGOpt and kin wrap the algorithm they pick
                     ev.info["chosen"] = type(opt.optim).__name__
+                _stop_recast(opt)
 
     return _run(problem, "nevergrad", budget_s, max_evals, seed, search)
 
@@ -524,6 +564,7 @@ def optuna_search(
             trial = study.ask()
             x = full.copy()
             for i in free:
+                ev.check()  # each suggestion costs O(trials): many inputs make a trial slow
                 if problem.integer:
                     x[i] = trial.suggest_int(f"x{i}", int(lo[i]), int(hi[i]))
                 else:

@@ -28,16 +28,52 @@ from .problem import Problem, ProblemError
 __all__ = ["BUILTINS", "build", "parameters"]
 
 
-def _dp(topology: str = "abilene", pairs: Any = "all", k: int = 4, **kw: Any) -> Problem:
+def _dp(
+    topology: str = "abilene",
+    pairs: Any = "all",
+    k: int = 4,
+    capacity: float = 100,
+    threshold: float | None = None,
+    max_demand: float | None = None,
+    seed: int = 0,
+) -> Problem:
     from .te import builtin_te
 
-    return builtin_te("dp", topology=topology, pairs=pairs, k=k, **kw)
+    return builtin_te(
+        "dp",
+        topology,
+        pairs,
+        k,
+        capacity=capacity,
+        seed=seed,
+        threshold=threshold,
+        max_demand=max_demand,
+    )
 
 
-def _pop(topology: str = "abilene", pairs: Any = "all", k: int = 4, **kw: Any) -> Problem:
+def _pop(
+    topology: str = "abilene",
+    pairs: Any = "all",
+    k: int = 4,
+    capacity: float = 100,
+    parts: int = 2,
+    draws: int = 5,
+    max_demand: float | None = None,
+    seed: int = 0,
+) -> Problem:
     from .te import builtin_te
 
-    return builtin_te("pop", topology=topology, pairs=pairs, k=k, **kw)
+    return builtin_te(
+        "pop",
+        topology,
+        pairs,
+        k,
+        capacity=capacity,
+        seed=seed,
+        parts=parts,
+        draws=draws,
+        max_demand=max_demand,
+    )
 
 
 def _ff(items: int = 8, dims: int = 1, capacity: int = 10) -> Problem:
@@ -73,17 +109,11 @@ BUILTINS: dict[str, Callable[..., Problem]] = {
     "matching": _matching,
 }
 
-# Keywords the TE builders pass on to te.builtin_te beyond their own signature.
-_TE_EXTRA = {"threshold", "max_demand", "parts", "draws", "seed", "capacity"}
-
 
 def parameters(name: str) -> dict[str, Any]:
     """The keyword parameters of built-in `name` with their defaults."""
     sig = inspect.signature(_get(name))
-    out = {p.name: p.default for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD}
-    if name in ("dp", "pop"):
-        out.update(dict.fromkeys(sorted(_TE_EXTRA)))
-    return out
+    return {p.name: p.default for p in sig.parameters.values()}
 
 
 def _get(name: str) -> Callable[..., Problem]:

@@ -65,8 +65,10 @@ def budget_seconds(text: str) -> float:
     """``"60s"``, ``"2min"`` or a bare number of seconds, as seconds."""
     try:
         s = float(parse_time(text if not text.replace(".", "", 1).isdigit() else f"{text}s"))
-    except (UnitError, ValueError) as e:
-        raise ProblemError(f"bad --budget {text!r}: {e}; write e.g. 60s or 2min") from None
+    except (UnitError, ValueError):
+        raise ProblemError(
+            f"bad --budget {text!r}: write seconds with a unit, e.g. 60s or 2min"
+        ) from None
     if s <= 0:
         raise ProblemError(f"--budget must be positive, not {text!r}")
     return s
@@ -227,8 +229,7 @@ def _print(a: Any, r: dict[str, Any]) -> None:
     top = sorted(r["input"].items(), key=lambda kv: -abs(kv[1]))
     shown = top[:12]
     print_table(
-        f"adversarial input: {len(top)} non-zero of {p.dim}"
-        + (f" (largest {len(shown)})" if len(top) > len(shown) else ""),
+        f"worst input ({len(top)} of {p.dim} non-zero)",
         ["input", "value"],
         [[k, f"{v:g}"] for k, v in shown],
     )
@@ -308,7 +309,7 @@ def builtin(
         typer.Option(
             "--topology",
             "-t",
-            help="WAN for dp/pop: abilene, geant, germany50, tatanld or a topohub key",
+            help="WAN for dp/pop: abilene, geant, germany50, uninett2010, tatanld or a topohub key",
         ),
     ] = None,
     param: ParamOpt = None,

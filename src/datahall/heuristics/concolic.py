@@ -38,15 +38,17 @@ import z3
 __all__ = ["Sym", "Trace", "Path", "PathSolver", "Exploration", "trace", "path_id", "explore_paths"]
 
 _NumberTypes = (int, float, np.integer, np.floating)
+_NONLINEAR = (operator.mul, operator.truediv, operator.floordiv, operator.mod)
 
 
 class _Recorder:
     """The branches of one run: predicates as taken (z3) and their outcomes."""
 
-    __slots__ = ("symbolic", "predicates", "deps", "outcomes", "concretized")
+    __slots__ = ("symbolic", "predicates", "deps", "outcomes", "concretized", "nonlinear")
 
     def __init__(self, symbolic: bool) -> None:
         self.symbolic = symbolic
+        self.nonlinear = False
         self.predicates: list[z3.BoolRef] = []
         self.deps: list[int] = []  # per predicate, the bitmask of the inputs it reads
         self.outcomes: list[bool] = []
@@ -86,6 +88,8 @@ class Sym:
         if not isinstance(other, (Sym, *_NumberTypes)):
             return NotImplemented
         a, b = (_val(other), self.v) if reflected else (self.v, _val(other))
+        if isinstance(other, Sym) and op in _NONLINEAR:
+            self.r.nonlinear = True
         return self._new(op(a, b), zop, other, reflected)
 
     def __add__(self, o):
@@ -240,6 +244,7 @@ class Trace:
     predicates: tuple[Any, ...] = ()
     deps: tuple[int, ...] = ()
     concretized: int = 0
+    nonlinear: bool = False
 
     @property
     def branches(self) -> int:
@@ -291,7 +296,12 @@ def trace(
     if isinstance(value, Sym):
         value = value.v
     return Trace(
-        value, tuple(rec.outcomes), tuple(rec.predicates), tuple(rec.deps), rec.concretized
+        value,
+        tuple(rec.outcomes),
+        tuple(rec.predicates),
+        tuple(rec.deps),
+        rec.concretized,
+        rec.nonlinear,
     )
 
 
@@ -403,18 +413,30 @@ class PathSolver:
         max_nonzero: int | None = None,
         A: np.ndarray | None = None,
         b: np.ndarray | None = None,
-        timeout_ms: int = 2000,
+        timeout_ms: int = 500,
     ) -> None:
         self.heuristic = heuristic
         self.integer = integer
+        self.space = (lower, upper, max_nonzero, A, b)
         self.xs = variables(len(lower), integer)
-        self.base = domain(self.xs, lower, upper, max_nonzero, A, b)
+        self.base = domain(self.xs, *self.space)
+        self.relaxed = False
         self.solver = z3.SimpleSolver()
         self.solver.set("timeout", timeout_ms)
         self.calls = self.unsat = self.unknown = 0
 
     def trace(self, x: np.ndarray) -> Trace:
-        return trace(self.heuristic, x.tolist(), integer=self.integer, xs=self.xs)
+        t = trace(self.heuristic, x.tolist(), integer=self.integer, xs=self.xs)
+        if t.nonlinear and self.integer and not self.relaxed:
+            # Non-linear integer arithmetic is undecidable and z3 often times out on it (greedy
+            # knapsack compares value/weight ratios); over the reals it is decidable and fast.
+            # Solve the real relaxation and round: a rounded input may take another path, which
+            # the caller sees when it runs it.
+            self.relaxed = True
+            self.xs = variables(len(self.xs), integer=False)
+            self.base = domain(self.xs, *self.space)
+            t = trace(self.heuristic, x.tolist(), integer=True, xs=self.xs)
+        return t
 
     def flip(self, t: Trace, i: int, x: np.ndarray) -> np.ndarray | None:
         """An input that agrees with trace `t` (run on `x`) before branch `i` and not at it;
@@ -427,7 +449,8 @@ class PathSolver:
             self.calls += 1
             res = self.solver.check()
             if res == z3.sat:
-                return _model_point(self.solver.model(), self.xs, x)
+                y = _model_point(self.solver.model(), self.xs, x)
+                return np.round(y) if self.relaxed else y
             if res == z3.unsat:
                 self.unsat += 1
             else:
@@ -449,7 +472,7 @@ def explore_paths(
     b: np.ndarray | None = None,
     budget_s: float = 30.0,
     max_paths: int = 1000,
-    solver_timeout_ms: int = 2000,
+    solver_timeout_ms: int = 500,
     on_path: Callable[[Path], None] | None = None,
 ) -> Exploration:
     """Find the code paths of `heuristic` over the box [`lower`, `upper`] by generational search.

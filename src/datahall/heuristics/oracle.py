@@ -31,7 +31,7 @@ For small problems that are not traffic engineering (bin packing, knapsack, matc
 >>> inst = TEInstance("hand", (0, 1, 2, 3), ((0, 1), (1, 3), (1, 2), (2, 3)),
 ...                   np.full(4, 100.0), ((0, 3), (1, 3)), (((0, 1),), ((1,), (2, 3))))
 >>> r = demand_pinning_oracle(inst, threshold=5, levels=[5, 100, 200])
->>> r.gap, float(r.demands[1]), r.status, r.normalised
+>>> r.gap, float(r.demands[1]), r.status, r.normalized
 (5.0, 5.0, 'optimal', 0.0125)
 """
 
@@ -65,7 +65,7 @@ class OracleResult:
     (the best incumbent when time ran out; ``bound`` is then an upper bound on the worst gap) or
     HiGHS's own status text. ``objective`` is the MILP's value for the incumbent; ``mismatch`` is
     true when it differs from ``gap`` by more than ``1e-6 · max(1, optimum)``. ``levels`` are the
-    non-zero demand levels (0 is always allowed). ``normalised`` divides by ``scale`` (total
+    non-zero demand levels (0 is always allowed). ``normalized`` divides by ``scale`` (total
     network capacity for traffic engineering, as MetaOpt reports gaps).
     """
 
@@ -84,7 +84,7 @@ class OracleResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def normalised(self) -> float:
+    def normalized(self) -> float:
         """``gap / scale``."""
         return self.gap / self.scale
 

@@ -129,6 +129,31 @@ class Problem:
                 raise ProblemError(
                     f"{self.name}: A must be {self.b.size}x{n} for {n} inputs, got {self.A.shape}"
                 )
+            self._anchor = self._feasible_point()
+
+    def _feasible_point(self) -> np.ndarray:
+        """A point of the box that satisfies ``A x <= b`` (an LP), the anchor projections
+        shrink toward: the one of least sum, so that demands stay small where they can."""
+        from scipy.optimize import linprog
+
+        res = linprog(
+            np.ones(self.dim),
+            A_ub=self.A,
+            b_ub=self.b,
+            bounds=list(zip(self.lower, self.upper, strict=True)),
+            method="highs",
+        )
+        if res.status != 0:
+            raise ProblemError(
+                f"{self.name}: no input in the bounds satisfies A x <= b; the bounds contradict "
+                "the constraints: relax one or the other"
+            )
+        x = np.asarray(res.x, dtype=float)
+        if self.integer:
+            r = np.clip(np.round(x), self.lower, self.upper)
+            if np.all(self.A @ r <= self.b + 1e-7):
+                x = r
+        return x
 
     @property
     def dim(self) -> int:
@@ -165,7 +190,8 @@ class Problem:
         return v
 
     def signed(self, opt_minus_h: float) -> float:
-        return opt_minus_h if self.sense == "max" else -opt_minus_h
+        # + 0.0 turns the -0.0 of a "min" problem's zero gap into 0.0
+        return (opt_minus_h if self.sense == "max" else -opt_minus_h) + 0.0
 
     def feasible(self, x: np.ndarray, tol: float = 1e-9) -> bool:
         """Whether `x` lies in the box and satisfies the realistic-input constraints."""
@@ -179,7 +205,7 @@ class Problem:
 
     def project(self, x: np.ndarray) -> np.ndarray:
         """A feasible point near `x`: clipped, rounded, the smallest inputs zeroed beyond
-        ``max_nonzero``, then scaled toward the lower bound until ``A x <= b`` holds."""
+        ``max_nonzero``, then moved toward a point that satisfies ``A x <= b`` until it does."""
         x = np.clip(np.asarray(x, dtype=float), self.lower, self.upper)
         if self.integer:
             x = np.clip(np.round(x), self.lower, self.upper)
@@ -189,7 +215,7 @@ class Problem:
                 drop = nz[np.argsort(np.abs(x[nz]), kind="stable")[: nz.size - self.max_nonzero]]
                 x[drop] = np.clip(0.0, self.lower[drop], self.upper[drop])
         if self.A is not None and not np.all(self.A @ x <= self.b + 1e-7):
-            base = np.clip(np.zeros_like(x), self.lower, self.upper)
+            base = self._anchor
             lo, hi = 0.0, 1.0
             for _ in range(40):
                 mid = (lo + hi) / 2
@@ -205,7 +231,10 @@ class Problem:
         x = np.asarray(x, dtype=float)
         order = np.argsort(-np.abs(x), kind="stable")[:top]
         parts = [f"{self.label(int(i))}={x[i]:g}" for i in order if x[i] != 0]
-        return "{" + ", ".join(parts) + ("" if len(parts) < np.count_nonzero(x) else "") + "}"
+        if not parts:
+            return "all zero"
+        more = np.count_nonzero(x) - len(parts)
+        return "{" + ", ".join(parts) + (f", {more} more non-zero" if more > 0 else "") + "}"
 
 
 def problem(

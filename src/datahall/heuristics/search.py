@@ -11,10 +11,11 @@ gradient ascent that stays on the seed's code path:
 - the path-aware step: take ``x + η·∇gap``; if it leaves the path or does not improve, move to
   the same-path sample with the smallest angle (< 90°) to the gradient that improves the gap;
   if there is none, halve η;
-- where the gradient vanishes (gaps that are step functions, such as bins used), random
-  same-path moves that do not lower the gap (ours, see :func:`_plateau_move`);
+- where the gradient vanishes (gaps that are step functions, such as bins used), random moves
+  that raise the gap, or same-path moves that keep it (ours, see :func:`_plateau_move`);
 - when the path is exhausted, a hop to a neighbouring path: one branch flipped by z3, kept if
-  the gap rises (ours, ``hop=False`` gives MetaEase's rule, see :func:`_hop`);
+  the gap rises (ours, see :func:`_hop`); ``hop=False`` never leaves the seed's path, which is
+  MetaEase's rule;
 - the search on this seed has converged after `patience` iterations without improvement.
 
 Every point evaluated counts: the best gap seen anywhere is returned, even off the path. The
@@ -312,8 +313,10 @@ def guided_search(
                     hops += 1
                     eta = 0.25 * float(np.mean(span))
             if moved is None:
-                moved, drift = _plateau_move(ev, x, path, gap, eta, rng)
-                if moved is None and drift is not None:
+                better, drift = _plateau_move(ev, x, path, gap, eta, rng, leave=hop)
+                if better is not None:
+                    *moved, path = better
+                elif drift is not None:
                     x, h, gap, opt = drift
             if moved is None:
                 stalls += 1
@@ -362,12 +365,15 @@ def _plateau_move(
     gap: float,
     eta: float,
     rng: np.random.Generator,
-    tries: int = 8,
+    leave: bool = True,
+    tries: int = 16,
 ):
-    """Random same-path moves of one to three inputs, for when the gradient vanishes (gaps that
-    are step functions, such as bins used). Returns (better, sideways): the first move that
-    raises the gap, else the last that keeps it, so the search drifts across a plateau. This
-    step is ours; MetaEase's released code declares convergence here."""
+    """Random moves of one to three inputs, for when the gradient vanishes (gaps that are step
+    functions, such as bins used). Returns (better, sideways): the first move that raises the
+    gap, on any path, as (x, h, gap, optimum, path); else the last same-path move that keeps the
+    gap, as (x, h, gap, optimum), so the search drifts across a plateau. ``leave=False`` keeps
+    even the better moves on the path. This step is ours;
+    MetaEase's released code declares convergence here."""
     p = ev.problem
     sideways = None
     for _ in range(tries):
@@ -380,12 +386,10 @@ def _plateau_move(
         if np.array_equal(y, x) or not p.feasible(y):
             continue
         ypath, yh = ev.path(y)
-        if ypath != path:
-            continue
         ygap, yopt = ev.gap(y, yh)
-        if ygap > gap + 1e-9:
-            return (y, yh, ygap, yopt), None
-        if ygap >= gap - 1e-9:
+        if ygap > gap + 1e-9 and (leave or ypath == path):
+            return (y, yh, ygap, yopt, ypath), None
+        if ypath == path and ygap >= gap - 1e-9:
             sideways = (y, yh, ygap, yopt)
     return None, sideways
 
