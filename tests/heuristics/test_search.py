@@ -92,7 +92,9 @@ def test_a_crash_keeps_the_best_point_found_before_it():
 
 
 def test_budget_is_respected():
-    p = Problem("slow", lambda x: x[0] + x[1] * 0, lambda x: Optimum(2.0 * x[0]), [0, 0], [1e6, 1e6])
+    p = Problem(
+        "slow", lambda x: x[0] + x[1] * 0, lambda x: Optimum(2.0 * x[0]), [0, 0], [1e6, 1e6]
+    )
     r = guided_search(p, np.array([1.0, 1.0]), budget_s=0.3, max_iters=10**6)
     assert r.seconds < 1.5
 
