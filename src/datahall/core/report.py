@@ -59,9 +59,14 @@ def progress_bar(transient: bool = False) -> Progress:
     )
 
 
-def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+def table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    show_header: bool = True,
+) -> Table:
     """A rich table; cells are formatted with :func:`cell`."""
-    t = Table(title=title, title_justify="left", header_style="bold")
+    t = Table(title=title, title_justify="left", header_style="bold", show_header=show_header)
     for c in columns:
         t.add_column(c)
     for r in rows:
@@ -69,8 +74,13 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     return t
 
 
-def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    console.print(table(title, columns, rows))
+def print_table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    show_header: bool = True,
+) -> None:
+    console.print(table(title, columns, rows, show_header))
 
 
 def cell(x: Any) -> str:

@@ -73,12 +73,12 @@ class Analysis:
         return {
             "problem": p.name,
             "sense": p.sense,
-            "gap": b.gap,
-            "normalized_gap": self.normalized,
+            "gap": _clean(b.gap),
+            "normalized_gap": _clean(self.normalized),
             "scale": p.scale,
             "scale_label": p.scale_label,
-            "heuristic": b.heuristic,
-            "optimum": b.optimum,
+            "heuristic": _clean(b.heuristic),
+            "optimum": _clean(b.optimum),
             "input": {p.label(int(i)): float(b.x[i]) for i in nz},
             "description": p.describe(b.x) if p.describe else None,
             "found_by": b.method,
@@ -108,6 +108,11 @@ class Analysis:
             "workers": self.workers,
             "notes": self.notes,
         }
+
+
+def _clean(v: float) -> float:
+    """`v` without the last digits of LP round-off (62.99999999999909 is 63.0)."""
+    return float(f"{v:.10g}")
 
 
 def _user_error(problem: Problem, what: str, x: np.ndarray, e: BaseException) -> ProblemError:
@@ -193,7 +198,7 @@ def analyze(
     budget_s: float = 60.0,
     *,
     workers: int | None = None,
-    explore_share: float = 0.3,
+    explore_share: float = 0.2,
     max_paths: int = 500,
     max_seeds: int = 64,
     random_seeds: int = 4,
@@ -294,9 +299,9 @@ def analyze(
             notes.append(f"problem does not pickle ({type(e).__name__}); ran in one process")
             workers = 1
     left = max(0.0, wall_deadline - time.time())
-    # The best-ranked seeds get an eighth of the budget each: a climb with hops needs seconds,
+    # The best-ranked seeds may take half the budget each: a climb with hops needs seconds,
     # and seeds that converge sooner hand their time to the next ones.
-    per_seed = max(left * workers / min(len(first), 8), min(left, 1.0))
+    per_seed = max(left * workers / min(len(first), 2), min(left, 1.0))
     opts = {"coords": coords, "surrogate": surrogate}
     chosen: list[Seed] = []
     stream = seed_stream()

@@ -225,7 +225,7 @@ def _print(a: Any, r: dict[str, Any]) -> None:
         ["evaluations", f"{r['evaluations']}"],
         ["time", f"{r['seconds']:.1f} s of {r['budget_s']:.0f} s, {r['workers']} process(es)"],
     ]
-    print_table(f"{p.name}: worst case found", ["", ""], rows)
+    print_table(f"{p.name}: worst case found", ["", ""], rows, show_header=False)
     top = sorted(r["input"].items(), key=lambda kv: -abs(kv[1]))
     shown = top[:12]
     print_table(
@@ -234,7 +234,8 @@ def _print(a: Any, r: dict[str, Any]) -> None:
         [[k, f"{v:g}"] for k, v in shown],
     )
     if r["description"]:
-        print_table("what it is", ["", ""], [[k, str(v)] for k, v in r["description"].items()])
+        rows = [[k, str(v)] for k, v in r["description"].items()]
+        print_table("what it is", ["", ""], rows, show_header=False)
     if r["baselines"]:
         rows = [["metaease", f"{r['gap']:.6g}", f"{r['evaluations']}"]] + [
             [b["method"], f"{b['gap']:.6g}", f"{b['evaluations']}"] for b in r["baselines"]

@@ -255,7 +255,7 @@ def guided_search(
     max_iters: int = 1000,
     coords: int = 20,
     surrogate: bool = False,
-    patience: int = 4,
+    patience: int = 12,
     hop: bool = True,
     deadline: float | None = None,
     method: str = "metaease",
@@ -317,7 +317,7 @@ def guided_search(
                 if better is not None:
                     *moved, path = better
                 elif drift is not None:
-                    x, h, gap, opt = drift
+                    x, h, gap, opt, path = drift
             if moved is None:
                 stalls += 1
                 eta = max(eta, 4 * floor)
@@ -389,8 +389,8 @@ def _plateau_move(
         ygap, yopt = ev.gap(y, yh)
         if ygap > gap + 1e-9 and (leave or ypath == path):
             return (y, yh, ygap, yopt, ypath), None
-        if ypath == path and ygap >= gap - 1e-9:
-            sideways = (y, yh, ygap, yopt)
+        if (leave or ypath == path) and ygap >= gap - 1e-9:
+            sideways = (y, yh, ygap, yopt, ypath)
     return None, sideways
 
 
