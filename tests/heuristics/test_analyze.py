@@ -2,6 +2,7 @@
 parallel seeds, and a crash in one seed that loses nothing else."""
 
 import json
+import os
 import random
 
 import numpy as np
@@ -84,7 +85,7 @@ def test_uninstrumentable_heuristic_gets_a_note():
 
 def test_a_crashing_seed_keeps_every_other_result():
     def fragile(x):
-        if x[0] == 9:  # none of the checked inputs (all-min, all-max, one random) has it
+        if x[0] == 9:  # none of the checked inputs (all-min, all-max, six random) has it
             raise RuntimeError("my heuristic broke")
         return 0 if x[1] > 5 else x[1]
 
@@ -109,3 +110,51 @@ def test_results_are_lower_bounds_and_reproducible_for_one_seed():
     runs = [analyze(p, budget_s=1.5, workers=1, seed=3) for _ in range(2)]
     assert runs[0].gap == runs[1].gap == p.gap(runs[0].best.x)
     assert np.array_equal(runs[0].seeds[0].x, runs[1].seeds[0].x)
+
+
+class _LoadsOnlyHere:
+    """A heuristic that pickles but cannot be loaded in another process (as a function defined
+    in a notebook's ``__main__`` cannot be loaded by a spawned worker)."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+
+    def __call__(self, x):
+        return _pinned(x)
+
+    def __setstate__(self, state):
+        if state["pid"] != os.getpid():
+            raise RuntimeError("this heuristic cannot be loaded in a worker")
+        self.__dict__.update(state)
+
+
+def test_a_pool_that_breaks_falls_back_to_this_process():
+    p = Problem("here", _LoadsOnlyHere(), _sum_opt, [0] * 3, [10] * 3)
+    a = analyze(p, budget_s=3, workers=2)
+    assert a.gap == 6.0 and a.best.x.tolist() == [2.0, 2.0, 2.0]
+    assert any("worker process died" in n for n in a.notes)
+    assert any(s.result is not None for s in a.seeds)
+
+
+def test_a_random_seed_that_raises_becomes_a_note():
+    # check_problem tries six random inputs, drawn like the first six random seeds; the eighth
+    # random seed is new to the heuristic here, and it raises there
+    rng = np.random.default_rng(0)
+    p = Problem("late", _pinned, _sum_opt, [0], [1000])
+    bad = [p.project(rng.uniform(p.lower, p.upper)) for _ in range(8)][7]
+
+    def late(x):
+        if x[0] == bad[0]:
+            raise RuntimeError("late failure")
+        return _pinned(x)
+
+    p = Problem("late", late, _sum_opt, [0], [1000])
+    a = analyze(p, budget_s=1, workers=1, random_seeds=8)
+    assert a.gap == 2.0 and any("late failure" in n for n in a.notes)
+
+
+def test_a_budget_spent_before_the_search_reports_the_best_seed():
+    p = Problem("pinned", _pinned, _sum_opt, [0] * 3, [10] * 3)
+    a = analyze(p, budget_s=1e-3, workers=1)
+    assert a.gap == p.gap(a.best.x) and a.best.method.startswith("seed:")
+    assert any("budget ran out" in n for n in a.notes)

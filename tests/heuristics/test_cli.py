@@ -78,6 +78,7 @@ def test_analyze_a_plain_function_with_opt_and_bounds(cli, module):
     )
     assert code == 0
     assert "worst case found" in stdout and "same budget" in stdout and "random" in stdout
+    assert "adversarial input: 3 non-zero of 3" in stdout
 
 
 def test_builtin_json_is_a_true_gap(cli):
@@ -160,11 +161,32 @@ def test_list_names_every_builtin(cli):
             "not deterministic",
         ),
         (["analyze", "cli_mod_heur:pinned", "--budget", "soon"], "bad --budget"),
+        (
+            ["analyze", "cli_mod_heur:pinned", "--sense", "min", "--budget", "1s", "-w", "1"],
+            "already a problem",
+        ),
         (["builtin", "sudoku"], "unknown built-in problem 'sudoku'"),
         (["builtin", "knapsack", "-p", "colour=3"], "has no parameter 'colour'"),
         (["builtin", "knapsack", "--topology", "abilene"], "takes no --topology"),
         (["builtin", "dp", "--topology", "atlantis", "--budget", "1s"], "atlantis"),
         (["builtin", "ffd", "--compare", "magic", "--budget", "1s"], "unknown baseline 'magic'"),
+        (["builtin", "ff", "-p", "items=abc"], "parameter items must be int, not 'abc'"),
+        (["builtin", "matching", "-p", "max_weight=2.5"], "parameter max_weight must be int"),
+        (["builtin", "dp", "-p", "pairs=True"], "pairs must be"),
+        (["builtin", "dp", "-p", "pairs=[1, 2]"], "pairs must be"),
+        (
+            [
+                "analyze",
+                "cli_mod_heur:plain",
+                "--opt",
+                "cli_mod_heur:total",
+                "--bounds",
+                "0:1",
+                "--dim",
+                "0",
+            ],
+            "--dim must be at least 1",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(cli, module, args, message):
@@ -172,3 +194,28 @@ def test_bad_input_is_one_line_and_exit_2(cli, module, args, message):
     assert code == 2
     assert message in stderr and "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) <= 2  # one message, wrapped at most once
+
+
+def test_a_file_named_like_an_imported_module_is_refused(cli, tmp_path):
+    # importing json.py by name would give the standard library's json, not this file
+    path = tmp_path / "json.py"
+    path.write_text(PINNED)
+    code, _, stderr = cli("heuristics", "analyze", f"{path}:pinned", "--budget", "1s", "-w", "1")
+    assert code == 2 and "Traceback" not in stderr
+    assert "rename" in stderr and "json" in stderr
+
+
+def test_a_missing_baseline_package_is_reported_before_the_analysis(cli, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "optuna" else find_spec(name, *a),
+    )
+    code, _, stderr = cli(
+        "heuristics", "builtin", "ffd", "--compare", "random,optuna", "--budget", "1s", "-w", "1"
+    )
+    assert code == 2 and "Traceback" not in stderr
+    assert "optuna" in stderr and "pip install" in stderr

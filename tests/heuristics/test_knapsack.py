@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from datahall.heuristics.builtins import build
 from datahall.heuristics.knapsack import (
-    BUILTINS,
     greedy_knapsack,
     knapsack_problem,
     optimal_knapsack,
@@ -104,7 +104,7 @@ def test_problem_fields_describe_pickle():
     assert d["optimal_items"] == [{"item": 1, "value": 10, "weight": 10, "density": 1.0}]
     q = pickle.loads(pickle.dumps(p))
     assert q.gap(x) == 8.0
-    assert BUILTINS["knapsack"]().dim == 16
+    assert build("knapsack").dim == 16
 
 
 def test_builder_errors():

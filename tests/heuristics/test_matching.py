@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from datahall.heuristics.builtins import build
 from datahall.heuristics.matching import (
-    BUILTINS,
     default_graph,
     greedy_matching,
     matching_problem,
@@ -64,7 +64,7 @@ def test_default_graph_is_seeded():
     p, q = matching_problem(seed=3), matching_problem(seed=3)
     assert p.names == q.names and p.dim == 12
     assert nx.utils.graphs_equal(default_graph(3), default_graph(3))
-    assert BUILTINS["matching"]().dim == 12
+    assert build("matching").dim == 12
 
 
 @settings(max_examples=200, deadline=None)

@@ -14,7 +14,7 @@ from datahall.heuristics.oracle import (
     pop_oracle,
 )
 from datahall.heuristics.problem import Optimum, Problem, ProblemError
-from datahall.heuristics.te import TEInstance
+from datahall.heuristics.te import DemandPinning, MaxFlow, Pop, TEInstance
 
 
 def hand_instance(capacity=100.0):
@@ -230,14 +230,11 @@ def test_time_limit_is_reported_honestly():
 
 
 def test_agrees_with_the_python_heuristics():
-    te = pytest.importorskip("datahall.heuristics.te")
-    if not all(hasattr(te, c) for c in ("MaxFlow", "DemandPinning", "Pop")):
-        pytest.skip("te.py has no MaxFlow / DemandPinning / Pop yet")
     inst = small_instance()
     r = demand_pinning_oracle(inst, 2, (2.0, 5.0, 12.0))
-    opt, dp = te.MaxFlow(inst), te.DemandPinning(inst, threshold=2)
+    opt, dp = MaxFlow(inst), DemandPinning(inst, threshold=2)
     assert opt(r.demands).value - dp(r.demands.tolist()) == pytest.approx(r.gap, abs=1e-6)
-    pop = te.Pop(inst, parts=2, draws=3, seed=1)
+    pop = Pop(inst, parts=2, draws=3, seed=1)
     r = pop_oracle(inst, pop.partitions, pop.parts, levels=(3.0, 7.0, 15.0))
     check_consistent(r)
     assert opt(r.demands).value - pop(r.demands.tolist()) == pytest.approx(r.gap, abs=1e-6)

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from datahall.heuristics.builtins import build
 from datahall.heuristics.packing import (
-    BUILTINS,
     FirstFit,
     FirstFitDecreasing,
     OptimalBins,
@@ -202,11 +202,11 @@ def test_problem_fields_names_and_describe():
 
 
 def test_problem_pickles_and_builtins():
-    p = BUILTINS["ff"](items=4)
+    p = build("ff", items=4)
     assert isinstance(p.heuristic, FirstFit) and not isinstance(p.heuristic, FirstFitDecreasing)
     q = pickle.loads(pickle.dumps(p))
     assert q.gap([1, 1, 9, 9]) == 1.0
-    assert isinstance(BUILTINS["ffd"]().heuristic, FirstFitDecreasing)
+    assert isinstance(build("ffd").heuristic, FirstFitDecreasing)
     assert isinstance(pickle.loads(pickle.dumps(OptimalBins(2, 1, 10))), OptimalBins)
 
 

@@ -235,6 +235,9 @@ def test_pair_choices():
         te_instance(wan("abilene"), pairs=1000)
     with pytest.raises(ProblemError, match="not two distinct nodes"):
         te_instance(wan("abilene"), pairs=[("ATLAng", "Nowhere")])
+    for bad in (True, 2.5, [1, 2], [("ATLAng", "CHINng", "IPLSng")]):
+        with pytest.raises(ProblemError, match="pairs must be"):
+            te_instance(wan("abilene"), pairs=bad)
 
 
 def test_problem_builders():

@@ -273,10 +273,13 @@ def analyze(
     have = {s.path for s in paths}
     extras = []
     for source, x in [("all-max", x_max), ("all-min", x_min)] + [("random", r) for r in randoms]:
-        pid = trace(problem.heuristic, x.tolist(), symbolic=False, integer=problem.integer).path
-        if source == "random" or pid not in have:
-            extras.append(Seed(source, x, pid, problem.evaluate(x)[0]))
-            have.add(pid)
+        try:  # random seeds beyond the six check_problem tried may fail
+            pid = trace(problem.heuristic, x.tolist(), symbolic=False, integer=problem.integer).path
+            if source == "random" or pid not in have:
+                extras.append(Seed(source, x, pid, problem.evaluate(x)[0]))
+                have.add(pid)
+        except Exception as e:  # noqa: BLE001 — keep going; the note says what happened
+            notes.append(f"{source} seed failed: {type(e).__name__}: {e}")
     # The two best path seeds, then all-max, all-min and a random input (MetaEase's extra
     # seeds), then the rest: short budgets reach only the first few.
     first = paths[:2] + extras[:3] + paths[2:] + extras[3:]
@@ -324,31 +327,55 @@ def analyze(
                 "seeds", sum(1 for c in chosen if c.result or c.error), max(len(chosen), len(first))
             )
 
+    def in_process(jobs) -> None:
+        for s, o in jobs:
+            finished(s, *_run_seed(problem, s, per_seed, wall_deadline, o))
+
     if workers == 1:
-        while (job := next_seed()) is not None:
-            finished(job[0], *_run_seed(problem, job[0], per_seed, wall_deadline, job[1]))
+        in_process(iter(next_seed, None))
     else:
         ctx = get_context("spawn")  # highspy and z3 hold threads; forking them is unsafe
+        running: dict = {}
         try:
             with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                running = {}
                 for _ in range(workers):
                     if (job := next_seed()) is not None:
                         f = pool.submit(_run_seed, problem, job[0], per_seed, wall_deadline, job[1])
-                        running[f] = job[0]
+                        running[f] = job
                 while running:
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
                     for f in done:
-                        finished(running.pop(f), *f.result())
+                        r, err = f.result()  # before the pop: a broken pool keeps the job
+                        finished(running.pop(f)[0], r, err)
                         if (job := next_seed()) is not None:
                             g = pool.submit(
                                 _run_seed, problem, job[0], per_seed, wall_deadline, job[1]
                             )
-                            running[g] = job[0]
+                            running[g] = job
         except BrokenProcessPool as e:
-            notes.append(f"a worker process died ({e}); kept the seeds that finished")
+            # A worker died, or could not load the problem (a function of a notebook's
+            # __main__ pickles, but a spawned process cannot import it): the seeds it held
+            # and the rest of the budget go on in this process.
+            notes.append(f"a worker process died ({e}); went on in this process")
+            left = max(0.0, wall_deadline - time.time())
+            per_seed = max(left / min(len(first), 2), min(left, 1.0))
+            in_process([*running.values(), *iter(next_seed, None)])
+    ranked = chosen
+    if not chosen:
+        # The checks and the exploration of a large problem can outlast a short budget: the
+        # seeds found so far are then the result, unsearched.
+        ranked = first + later
+        notes.append(
+            "the budget ran out before the guided search began; the result is the best seed, "
+            "unsearched: give a larger budget"
+        )
+    if not ranked:
+        raise ProblemError(
+            f"{problem.name}: no seed could be evaluated within the budget of {budget_s:g} s; "
+            "give a larger budget"
+        )
     results = [s.result for s in chosen if s.result is not None]
-    for s in chosen:  # the seeds' own gaps count too: a seed the search never improved
+    for s in ranked:  # the seeds' own gaps count too: a seed the search never improved
         results.append(SearchResult("seed:" + s.source, s.gap, s.x, math.nan, math.nan, 1, 0.0))
     best = max(results, key=lambda r: r.gap)
     if math.isnan(best.heuristic):

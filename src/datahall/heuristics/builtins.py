@@ -20,8 +20,11 @@ matching greedy maximum-weight matching                               blossom (n
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from .problem import Problem, ProblemError
 
@@ -32,7 +35,7 @@ def _dp(
     topology: str = "abilene",
     pairs: Any = "all",
     k: int = 4,
-    capacity: float = 100,
+    capacity: float | str = 100,
     threshold: float | None = None,
     max_demand: float | None = None,
     seed: int = 0,
@@ -55,7 +58,7 @@ def _pop(
     topology: str = "abilene",
     pairs: Any = "all",
     k: int = 4,
-    capacity: float = 100,
+    capacity: float | str = 100,
     parts: int = 2,
     draws: int = 5,
     max_demand: float | None = None,
@@ -125,13 +128,35 @@ def _get(name: str) -> Callable[..., Problem]:
         ) from None
 
 
+#: The values each annotated parameter type accepts (``-p`` values are Python literals).
+_ACCEPTS: dict[Any, tuple[type, ...]] = {
+    int: (int, np.integer),
+    float: (int, float, np.integer, np.floating),
+    str: (str,),
+    type(None): (type(None),),
+}
+
+
 def build(name: str, **params: Any) -> Problem:
-    """The built-in problem `name` with its parameters; unknown names or parameters raise
-    :class:`ProblemError` naming the choices."""
+    """The built-in problem `name` with its parameters; unknown names or parameters, or values
+    of the wrong type, raise :class:`ProblemError` naming the choices.
+
+    >>> build("ff", items="8")
+    Traceback (most recent call last):
+    ...
+    datahall.heuristics.problem.ProblemError: built-in 'ff': parameter items must be int, not '8'
+    """
     known = parameters(name)
-    for key in params:
+    hints = typing.get_type_hints(_get(name))
+    for key, value in params.items():
         if key not in known:
             raise ProblemError(
                 f"built-in {name!r} has no parameter {key!r}; it takes {', '.join(known)}"
             )
+        kinds = typing.get_args(hints[key]) or (hints[key],)
+        if Any in kinds:
+            continue
+        if isinstance(value, bool) or not any(isinstance(value, _ACCEPTS[k]) for k in kinds):
+            want = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            raise ProblemError(f"built-in {name!r}: parameter {key} must be {want}, not {value!r}")
     return _get(name)(**params)

@@ -87,6 +87,12 @@ def load_object(spec: str, what: str) -> Any:
             # Importable by name (its folder on sys.path) so worker processes can unpickle it.
             sys.path.insert(0, str(path.parent))
             module = importlib.import_module(path.stem)
+            found = getattr(module, "__file__", None)
+            if found is None or Path(found).resolve() != path:
+                raise ProblemError(
+                    f"bad {what} {spec!r}: the name {path.stem!r} is already the module "
+                    f"{found or path.stem}, so {target} cannot be imported by it; rename the file"
+                )
         else:
             module = importlib.import_module(target)
     except ProblemError:
@@ -116,6 +122,8 @@ def parse_bounds(text: str, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
             raise ProblemError(f"bad --bounds item {p!r}: write LO:HI, e.g. 0:200") from None
         if not sep:
             raise ProblemError(f"bad --bounds item {p!r}: write LO:HI, e.g. 0:200")
+    if dim is not None and dim < 1:
+        raise ProblemError(f"--dim must be at least 1, not {dim}")
     if len(pairs) == 1 and dim is None:
         raise ProblemError("one --bounds range needs --dim N (the number of inputs)")
     if len(pairs) == 1:
@@ -160,6 +168,12 @@ def run_analysis(
     for n in names:
         if n not in BASELINES:
             raise ProblemError(f"unknown baseline {n!r}; choose from {', '.join(BASELINES)}")
+        # nevergrad and optuna are optional: say so now, not after the whole analysis
+        if n in ("nevergrad", "optuna") and importlib.util.find_spec(n) is None:
+            raise ProblemError(
+                f"baseline {n!r} needs the {n} package: pip install {n} "
+                "(or use random, hill-climbing, annealing)"
+            )
     with progress_bar(transient=True) as bar:
         tasks: dict[str, Any] = {}
 
@@ -228,11 +242,10 @@ def _print(a: Any, r: dict[str, Any]) -> None:
     print_table(f"{p.name}: worst case found", ["", ""], rows, show_header=False)
     top = sorted(r["input"].items(), key=lambda kv: -abs(kv[1]))
     shown = top[:12]
-    print_table(
-        f"worst input ({len(top)} of {p.dim} non-zero)",
-        ["input", "value"],
-        [[k, f"{v:g}"] for k, v in shown],
-    )
+    # A line of its own: as a table title it would wrap to the width of the narrow table.
+    more = f" (largest {len(shown)})" if len(top) > len(shown) else ""
+    console.print(f"adversarial input: {len(top)} non-zero of {p.dim}{more}", highlight=False)
+    print_table(None, ["input", "value"], [[k, f"{v:g}"] for k, v in shown])
     if r["description"]:
         rows = [[k, str(v)] for k, v in r["description"].items()]
         print_table("what it is", ["", ""], rows, show_header=False)
@@ -279,8 +292,24 @@ def analyze(
     """Find inputs that maximise the gap between HEURISTIC and its optimum."""
     obj = load_object(heuristic, "heuristic")
     if isinstance(obj, Problem):
-        if opt or bounds:
-            raise ProblemError(f"{heuristic} is already a problem; drop --opt and --bounds")
+        given = [
+            flag
+            for flag, used in [
+                ("--opt", opt is not None),
+                ("--bounds", bounds is not None),
+                ("--dim", dim is not None),
+                ("--real", real),
+                ("--sense", sense != "max"),
+                ("--max-nonzero", max_nonzero is not None),
+                ("--scale", scale != 1.0),
+            ]
+            if used
+        ]
+        if given:  # the problem object has its own; silently ignoring them would mislead
+            raise ProblemError(
+                f"{heuristic} is already a problem with its optimum, bounds and options; "
+                f"drop {', '.join(given)}"
+            )
         problem = obj
     else:
         if opt is None or bounds is None:

@@ -481,7 +481,8 @@ def explore_paths(
     in order: the prefix up to branch *i* held and branch *i* negated gives an input that takes
     a new path, whose own search starts after *i* (SAGE's bound, so no path is generated twice).
     Each query holds only the constraints that share inputs with the negated branch. Stops when
-    no branch is left to negate (``complete``), at `max_paths`, or after `budget_s`.
+    no branch is left to negate (``complete``, unless z3 gave up on a query or a run raised), at
+    `max_paths`, or after `budget_s`.
 
     >>> def pin(x):  # demand pinning on two demands, threshold 5
     ...     return sum(1 for d in x if d <= 5)
@@ -532,6 +533,8 @@ def explore_paths(
             if y is not None:
                 work.append((y, i + 1))
     out.solver_calls, out.unsat, out.unknown = ps.calls, ps.unsat, ps.unknown
-    out.complete = not work and not spent() and out.unknown == 0
+    # Complete only if every branch was decided: a z3 "unknown" or a run that raised (whose
+    # later branches were never traced) may hide paths.
+    out.complete = not work and not spent() and out.unknown == 0 and not out.errors
     out.seconds = time.monotonic() - start
     return out

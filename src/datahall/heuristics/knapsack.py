@@ -31,7 +31,6 @@ import numpy as np
 from .problem import Optimum, Problem, ProblemError
 
 __all__ = [
-    "BUILTINS",
     "GreedyKnapsack",
     "KnapsackReport",
     "OptimalKnapsack",
@@ -231,6 +230,3 @@ def knapsack_problem(items: int = 8, capacity: int = 20, max_value: int = 100) -
             "paper": "MetaEase (NSDI '26) knapsack domain",
         },
     )
-
-
-BUILTINS = {"knapsack": knapsack_problem}

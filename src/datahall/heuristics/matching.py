@@ -34,7 +34,6 @@ import numpy as np
 from .problem import Optimum, Problem, ProblemError
 
 __all__ = [
-    "BUILTINS",
     "GreedyMatching",
     "MatchingReport",
     "OptimalMatching",
@@ -234,6 +233,3 @@ def matching_problem(
             "paper": "MetaEase (NSDI '26) matching domain",
         },
     )
-
-
-BUILTINS = {"matching": matching_problem}

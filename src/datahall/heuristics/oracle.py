@@ -41,7 +41,7 @@ import itertools
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,9 +209,9 @@ def _path_max_flow(
     return float(-res.fun)
 
 
-def _evaluate_dp(inst, demands: np.ndarray, threshold: float) -> tuple[float, float, bool]:
-    """(OPT, DP, pinned load fits) for one demand vector: demands in (0, threshold] go in full on
-    their shortest path, the rest share the residual capacity by max-flow."""
+def _evaluate_dp(inst, demands: np.ndarray, threshold: float) -> tuple[float, float, dict]:
+    """(OPT, DP, {"pinned_load_fits": ...}) for one demand vector: demands in (0, threshold] go
+    in full on their shortest path, the rest share the residual capacity by max-flow."""
     cap = np.asarray(inst.capacity, dtype=float)
     opt = _path_max_flow(cap, inst.paths, demands)
     pinned = (demands > 0) & (demands <= threshold)
@@ -223,11 +223,13 @@ def _evaluate_dp(inst, demands: np.ndarray, threshold: float) -> tuple[float, fl
     fits = bool(np.all(residual >= -1e-9 * max(1.0, float(cap.max(initial=1.0)))))
     rest = np.where(pinned, 0.0, demands)
     h = float(demands[pinned].sum()) + _path_max_flow(np.maximum(residual, 0.0), inst.paths, rest)
-    return opt, h, fits
+    return opt, h, {"pinned_load_fits": fits}
 
 
-def _evaluate_pop(inst, demands: np.ndarray, draws: list, parts: list[int]) -> tuple[float, float]:
-    """(OPT, mean over draws of Σ over groups of the group's max-flow at capacity / parts)."""
+def _evaluate_pop(
+    inst, demands: np.ndarray, draws: list, parts: list[int]
+) -> tuple[float, float, dict]:
+    """(OPT, mean over draws of Σ over groups of the group's max-flow at capacity / parts, {})."""
     cap = np.asarray(inst.capacity, dtype=float)
     opt = _path_max_flow(cap, inst.paths, demands)
     total = 0.0
@@ -235,7 +237,7 @@ def _evaluate_pop(inst, demands: np.ndarray, draws: list, parts: list[int]) -> t
         for g in groups:
             if len(g):
                 total += _path_max_flow(cap / k, [inst.paths[i] for i in g], demands[g])
-    return opt, total / len(draws)
+    return opt, total / len(draws), {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,6 +305,22 @@ def _opt_follower(milp: _Milp, x: list, levels, cap: np.ndarray, paths: list) ->
             milp.row(terms, upper=float(cap[e]))
 
 
+def _dual_feasibility(milp: _Milp, paths: list, pairs, links) -> tuple[dict, dict]:
+    """Dual feasibility of a follower's path max-flow LP (unit weights) over `pairs` and the
+    `links` their paths use: duals ``u_i`` of the demand rows and ``v_e`` of the link rows, in
+    [0, 1], with ``u_i + Σ_{e∈p} v_e >= 1`` for every path ``p`` of every pair. Returns
+    ``(u, v)`` as columns by pair and by link."""
+    u = {i: milp.var(0.0, 1.0) for i in pairs}
+    v = {e: milp.var(0.0, 1.0) for e in links}
+    for i in pairs:
+        for p in paths[i]:
+            terms = {u[i]: 1.0}
+            for e in p:
+                terms[v[e]] = terms.get(v[e], 0.0) + 1.0
+            milp.row(terms, lower=1.0)
+    return u, v
+
+
 def _decode(sol: np.ndarray | None, x: list, levels) -> np.ndarray:
     d = np.zeros(len(x))
     if sol is None:
@@ -314,7 +332,27 @@ def _decode(sol: np.ndarray | None, x: list, levels) -> np.ndarray:
     return d
 
 
-def _result(status, sol, stats, demands, opt, h, seconds, levels, scale, info) -> OracleResult:
+def _solve(
+    milp: _Milp,
+    x: list,
+    levels: tuple[float, ...],
+    evaluate: Callable[[np.ndarray], tuple[float, float, dict]],
+    *,
+    inst,
+    t0: float,
+    time_limit: float,
+    mip_gap: float,
+    info: dict[str, Any],
+) -> OracleResult:
+    """Solve `milp`, decode the demands its binaries `x` choose among `levels`, and re-evaluate
+    them with `evaluate` (plain LP solves written apart from the MILP: ``(OPT, H, more info)``),
+    so the gap returned is a true gap of its input. A MILP objective that disagrees with it is
+    flagged, and warned about when HiGHS claims optimality or more than the input gives."""
+    t1 = time.perf_counter()
+    status, sol, stats = milp.solve(time_limit, mip_gap)
+    t2 = time.perf_counter()
+    demands = _decode(sol, x, levels)
+    opt, h, checked = evaluate(demands)
     gap = opt - h
     objective = stats["objective"]
     mismatch = sol is not None and abs(gap - objective) > MISMATCH_TOL * max(1.0, abs(opt))
@@ -326,7 +364,13 @@ def _result(status, sol, stats, demands, opt, h, seconds, levels, scale, info) -
             RuntimeWarning,
             stacklevel=3,
         )
-    info = {**info, **{k: stats[k] for k in ("nodes", "columns", "rows", "binaries")}}
+    info = {
+        **info,
+        "build_seconds": t1 - t0,
+        "solve_seconds": t2 - t1,
+        **checked,
+        **{k: stats[k] for k in ("nodes", "columns", "rows", "binaries")},
+    }
     return OracleResult(
         gap=gap,
         demands=demands,
@@ -334,12 +378,12 @@ def _result(status, sol, stats, demands, opt, h, seconds, levels, scale, info) -
         heuristic=h,
         status=status,
         mip_gap=stats["mip_gap"],
-        seconds=seconds,
+        seconds=time.perf_counter() - t0,
         levels=levels,
         objective=objective,
         bound=stats["bound"],
         mismatch=bool(mismatch),
-        scale=scale,
+        scale=inst.total_capacity,
         info=info,
     )
 
@@ -456,15 +500,7 @@ def demand_pinning_oracle(
         # where the pinned load fits.
         milp.row({**g_on[e], **pinned_on[e]}, upper=float(cap[e]))
 
-    # Dual feasibility: u_i + Σ_{e∈p} v_e >= 1 for every path, u, v ∈ [0, 1].
-    u = [milp.var(0.0, 1.0) for _ in range(n)]
-    v = {e: milp.var(0.0, 1.0) for e in range(len(cap)) if g_on[e]}
-    for i, ps in enumerate(paths):
-        for p in ps:
-            terms = {u[i]: 1.0}
-            for e in p:
-                terms[v[e]] = terms.get(v[e], 0.0) + 1.0
-            milp.row(terms, lower=1.0)
+    u, v = _dual_feasibility(milp, paths, range(n), [e for e in range(len(cap)) if g_on[e]])
 
     # Strong duality: Σ g − Σ_i u_i·unpinned_i − Σ_e v_e·(c_e − pinned_e) = 0, with the products
     # x_iq·u_i and x_iq·v_e linearised exactly.
@@ -489,29 +525,16 @@ def demand_pinning_oracle(
                 cut[x[i][q]] = cut.get(x[i][q], 0.0) - lvq * len(paths[i][0])
     milp.row(cut, upper=0.0)
 
-    t1 = time.perf_counter()
-    status, sol, stats = milp.solve(time_limit, mip_gap)
-    t2 = time.perf_counter()
-    demands = _decode(sol, x, lv)
-    opt, h, fits = _evaluate_dp(inst, demands, threshold)
-    info = {
-        "threshold": threshold,
-        "build_seconds": t1 - t0,
-        "solve_seconds": t2 - t1,
-        "pinned_load_fits": fits,
-        "max_nonzero": max_nonzero,
-    }
-    return _result(
-        status,
-        sol,
-        stats,
-        demands,
-        opt,
-        h,
-        time.perf_counter() - t0,
+    return _solve(
+        milp,
+        x,
         lv,
-        inst.total_capacity,
-        info,
+        lambda d: _evaluate_dp(inst, d, threshold),
+        inst=inst,
+        t0=t0,
+        time_limit=time_limit,
+        mip_gap=mip_gap,
+        info={"threshold": threshold, "max_nonzero": max_nonzero},
     )
 
 
@@ -619,14 +642,7 @@ def pop_oracle(
             for e, terms in g_on.items():
                 milp.row(terms, upper=float(cap[e]) / k)
             # Dual feasibility and strong duality of the group's LP.
-            u = {i: milp.var(0.0, 1.0) for i in members}
-            v = {e: milp.var(0.0, 1.0) for e in g_on}
-            for i in members:
-                for p in paths[i]:
-                    terms = {u[i]: 1.0}
-                    for e in p:
-                        terms[v[e]] = terms.get(v[e], 0.0) + 1.0
-                    milp.row(terms, lower=1.0)
+            u, v = _dual_feasibility(milp, paths, members, g_on)
             terms = dict.fromkeys(g_all, 1.0)
             for i in members:
                 for q, lvq in enumerate(lv):
@@ -635,29 +651,16 @@ def pop_oracle(
                 terms[ve] = -float(cap[e]) / k
             milp.row(terms, lower=0.0, upper=0.0)
 
-    t1 = time.perf_counter()
-    status, sol, stats = milp.solve(time_limit, mip_gap)
-    t2 = time.perf_counter()
-    demands = _decode(sol, x, lv)
-    opt, h = _evaluate_pop(inst, demands, draws, ks)
-    info = {
-        "draws": len(draws),
-        "parts": ks,
-        "build_seconds": t1 - t0,
-        "solve_seconds": t2 - t1,
-        "max_nonzero": max_nonzero,
-    }
-    return _result(
-        status,
-        sol,
-        stats,
-        demands,
-        opt,
-        h,
-        time.perf_counter() - t0,
+    return _solve(
+        milp,
+        x,
         lv,
-        inst.total_capacity,
-        info,
+        lambda d: _evaluate_pop(inst, d, draws, ks),
+        inst=inst,
+        t0=t0,
+        time_limit=time_limit,
+        mip_gap=mip_gap,
+        info={"draws": len(draws), "parts": ks, "max_nonzero": max_nonzero},
     )
 
 

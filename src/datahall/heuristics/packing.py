@@ -29,7 +29,6 @@ concolic tracer sees every branch ("does item i fit bin b?", "is item i larger t
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ from scipy.sparse import coo_matrix
 from .problem import Optimum, Problem, ProblemError
 
 __all__ = [
-    "BUILTINS",
     "FirstFit",
     "FirstFitDecreasing",
     "OptimalBins",
@@ -378,9 +376,3 @@ def bin_packing_problem(
             "paper": "MetaOpt (NSDI '24) analyses FFD for VM placement",
         },
     )
-
-
-BUILTINS = {
-    "ff": functools.partial(bin_packing_problem, "ff"),
-    "ffd": functools.partial(bin_packing_problem, "ffd"),
-}

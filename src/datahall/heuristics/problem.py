@@ -172,10 +172,14 @@ class Problem:
         h = self.heuristic_value(x)
         opt = self.optimum(x)
         if not isinstance(opt, Optimum):
-            opt = Optimum(float(opt))
-        if not isinstance(opt.value, (int, float)) or not math.isfinite(opt.value):
+            opt = Optimum(opt)
+        try:  # numpy scalars are numbers too (np.int64 is no int)
+            value = float(opt.value)
+        except (TypeError, ValueError):
+            value = math.nan
+        if isinstance(opt.value, (str, bytes)) or not math.isfinite(value):
             raise ProblemError(f"{self.name}: the optimum returned {opt.value} at {self.show(x)}")
-        return self.signed(float(opt.value) - h), h, opt
+        return self.signed(value - h), h, opt
 
     def heuristic_value(self, x: Sequence[float]) -> float:
         v = self.heuristic(list(x))
@@ -212,19 +216,27 @@ class Problem:
         if self.max_nonzero is not None:
             nz = np.flatnonzero(x != 0)
             if nz.size > self.max_nonzero:
-                drop = nz[np.argsort(np.abs(x[nz]), kind="stable")[: nz.size - self.max_nonzero]]
-                x[drop] = np.clip(0.0, self.lower[drop], self.upper[drop])
+                # Inputs whose bounds exclude 0 stay (the constructor checked that they fit the
+                # budget); of the others, the smallest are zeroed.
+                can_zero = (self.lower[nz] <= 0) & (self.upper[nz] >= 0)
+                size = np.where(can_zero, np.abs(x[nz]), np.inf)
+                x[nz[np.argsort(size, kind="stable")[: nz.size - self.max_nonzero]]] = 0.0
         if self.A is not None and not np.all(self.A @ x <= self.b + 1e-7):
             base = self._anchor
             lo, hi = 0.0, 1.0
             for _ in range(40):
                 mid = (lo + hi) / 2
-                y = base + mid * (x - base)
-                lo, hi = (mid, hi) if np.all(self.A @ y <= self.b + 1e-7) else (lo, mid)
-            x = base + lo * (x - base)
-            if self.integer:
-                x = np.where(x > base, np.floor(x), np.ceil(x))
+                ok = np.all(self.A @ self._toward(base, x, mid) <= self.b + 1e-7)
+                lo, hi = (mid, hi) if ok else (lo, mid)
+            x = self._toward(base, x, lo)
         return x
+
+    def _toward(self, base: np.ndarray, x: np.ndarray, t: float) -> np.ndarray:
+        """The point a share `t` of the way from `base` to `x`; for integer problems rounded
+        toward `base`, and tested for ``A x <= b`` rounded, since rounding can break a row whose
+        coefficients have mixed signs."""
+        y = base + t * (x - base)
+        return np.where(y > base, np.floor(y), np.ceil(y)) if self.integer else y
 
     def show(self, x: Sequence[float], top: int = 4) -> str:
         """A short text of the largest inputs of `x`, for messages."""
@@ -257,9 +269,14 @@ def problem(
     """
 
     def wrap(fn: Callable[[Sequence[Any]], float]) -> Problem:
-        n = dim if dim is not None else len(lower) if isinstance(lower, Sequence) else None
+        sizes = {np.size(b) for b in (lower, upper) if np.ndim(b) == 1}
+        n = dim if dim is not None else next(iter(sizes), None)
         if n is None:
             raise ProblemError(f"{fn.__name__}: scalar bounds need dim=")
+        if sizes - {n}:
+            raise ProblemError(
+                f"{fn.__name__}: {max(sizes - {n})} bounds for dim={n}; give one per input"
+            )
         lo = np.broadcast_to(np.asarray(lower, dtype=float), (n,)).copy()
         hi = np.broadcast_to(np.asarray(upper, dtype=float), (n,)).copy()
 

@@ -132,11 +132,10 @@ class _Step:
 
     grad: np.ndarray
     samples: list[_Sample] = field(default_factory=list)
-    blocked: int = 0
     tried: bool = False
 
 
-def _fd_step(problem: Problem, x: np.ndarray) -> np.ndarray:
+def _fd_step(problem: Problem) -> np.ndarray:
     span = problem.upper - problem.lower
     if problem.integer:
         return np.maximum(1.0, np.round(span * 0.01))
@@ -155,7 +154,7 @@ def _gradient(
 ) -> _Step:
     """∇gap on `coords` at `x`: duals for OPT, same-path finite differences (or a GP) for H."""
     p = ev.problem
-    step = _fd_step(p, x)
+    step = _fd_step(p)
     grad_h = np.zeros(p.dim)
     grad_opt = np.zeros(p.dim)
     out = _Step(np.zeros(p.dim))
@@ -179,8 +178,6 @@ def _gradient(
                 yopt = ev.optimum(y)
                 grad_opt[k] = (float(yopt.value) - float(opt.value)) / d
             break
-        else:
-            out.blocked += 1
     if opt.gradient is not None:
         grad_opt[usable] = np.asarray(opt.gradient, dtype=float)[usable]
     if surrogate and out.samples:

@@ -136,17 +136,13 @@ class TEInstance:
         capacity = np.array(list(links.values()), dtype=float)
         return cls(name, nodes, tuple(links), capacity, tuple(paths), tuple(out))
 
-    # -- derived arrays, shared by the LPs --------------------------------------------------------
+    # -- derived arrays ---------------------------------------------------------------------------
 
     @cached_property
     def column_pair(self) -> np.ndarray:
-        """Pair index of each path variable (columns ordered pair by pair, path by path)."""
+        """Pair index of each path variable (columns ordered pair by pair, path by path), to read
+        :attr:`FlowSolution.path_flow` by pair."""
         return np.repeat(np.arange(len(self.pairs)), [len(ps) for ps in self.paths])
-
-    @cached_property
-    def column_start(self) -> np.ndarray:
-        """First column of each pair, and the number of columns at the end."""
-        return np.concatenate([[0], np.cumsum([len(ps) for ps in self.paths])])
 
     @cached_property
     def shortest(self) -> tuple[tuple[int, ...], ...]:
@@ -276,7 +272,14 @@ def te_instance(
         pick = np.random.default_rng(seed).choice(len(reach), size=int(pairs), replace=False)
         chosen = [reach[i] for i in sorted(pick)]
     else:
-        chosen = [tuple(p) for p in pairs]
+        try:
+            chosen = [tuple(p) for p in pairs]
+        except TypeError:
+            chosen = None
+        if chosen is None or any(len(p) != 2 for p in chosen):
+            raise ProblemError(
+                f'pairs must be "all", a number or a list of (s, t), not {pairs!r}'
+            ) from None
         for s, t in chosen:
             if s not in position or t not in position or s == t:
                 raise ProblemError(f"pair {s!r}->{t!r} is not two distinct nodes of the topology")
@@ -544,14 +547,6 @@ class Pop:
 # -- problems for the search ----------------------------------------------------------------------
 
 
-def _bounds(inst: TEInstance, max_demand: float | None) -> tuple[np.ndarray, np.ndarray, float]:
-    top = 2 * float(np.max(inst.capacity)) if max_demand is None else float(max_demand)
-    if not top > 0:
-        raise ProblemError(f"max_demand must be positive, not {max_demand!r}")
-    n = len(inst.pairs)
-    return np.zeros(n), np.full(n, top), top
-
-
 def _largest(inst: TEInstance, x: np.ndarray, top: int = 5) -> list[list]:
     order = np.argsort(-x, kind="stable")[:top]
     return [[inst.names[i], float(x[i])] for i in order if x[i] > 0]
@@ -590,15 +585,40 @@ class _DescribePop:
         }
 
 
-def _info(inst: TEInstance, **extra: Any) -> dict[str, Any]:
-    return {
-        "topology": inst.name,
-        "pairs": len(inst.pairs),
-        "links": len(inst.links),
-        "paths_per_pair": max(len(ps) for ps in inst.paths),
-        "total_capacity": inst.total_capacity,
-        **extra,
-    }
+def _te_problem(
+    kind: str, h: DemandPinning | Pop, describe: Any, max_demand: float | None, /, **info: Any
+) -> Problem:
+    """The search problem "maximise OPT − H" for the TE heuristic `h` on its instance: integer
+    demands in [0, `max_demand`] (default twice the largest link capacity, MetaEase's
+    configuration), max-flow as OPT, the gap normalised by total capacity as MetaOpt (NSDI '24)
+    reports it; `info` goes into the problem's info."""
+    inst = h.instance
+    top = 2 * float(np.max(inst.capacity)) if max_demand is None else float(max_demand)
+    if not top > 0:
+        raise ProblemError(f"max_demand must be positive, not {max_demand!r}")
+    n = len(inst.pairs)
+    return Problem(
+        f"{kind}-{inst.name}",
+        heuristic=h,
+        optimum=MaxFlow(inst),
+        lower=np.zeros(n),
+        upper=np.full(n, top),
+        integer=True,
+        sense="max",
+        names=inst.names,
+        scale=inst.total_capacity,
+        scale_label="of total capacity",
+        describe=describe,
+        info={
+            "topology": inst.name,
+            "pairs": n,
+            "links": len(inst.links),
+            "paths_per_pair": max(len(ps) for ps in inst.paths),
+            "total_capacity": inst.total_capacity,
+            **info,
+            "max_demand": top,
+        },
+    )
 
 
 def demand_pinning_problem(
@@ -613,20 +633,8 @@ def demand_pinning_problem(
     (0.0125, ['1->3'])
     """
     dp = DemandPinning(inst, threshold)
-    lower, upper, top = _bounds(inst, max_demand)
-    return Problem(
-        f"dp-{inst.name}",
-        heuristic=dp,
-        optimum=MaxFlow(inst),
-        lower=lower,
-        upper=upper,
-        integer=True,
-        sense="max",
-        names=inst.names,
-        scale=inst.total_capacity,
-        scale_label="of total capacity",
-        describe=_DescribeDP(dp),
-        info=_info(inst, heuristic="demand pinning", threshold=dp.threshold, max_demand=top),
+    return _te_problem(
+        "dp", dp, _DescribeDP(dp), max_demand, heuristic="demand pinning", threshold=dp.threshold
     )
 
 
@@ -646,20 +654,15 @@ def pop_problem(
     50.0
     """
     pop = Pop(inst, parts, draws, seed)
-    lower, upper, top = _bounds(inst, max_demand)
-    return Problem(
-        f"pop-{inst.name}",
-        heuristic=pop,
-        optimum=MaxFlow(inst),
-        lower=lower,
-        upper=upper,
-        integer=True,
-        sense="max",
-        names=inst.names,
-        scale=inst.total_capacity,
-        scale_label="of total capacity",
-        describe=_DescribePop(pop),
-        info=_info(inst, heuristic="POP", parts=parts, draws=draws, seed=seed, max_demand=top),
+    return _te_problem(
+        "pop",
+        pop,
+        _DescribePop(pop),
+        max_demand,
+        heuristic="POP",
+        parts=parts,
+        draws=draws,
+        seed=seed,
     )
 
 
