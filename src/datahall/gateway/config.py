@@ -32,29 +32,33 @@ datahall.gateway.config.ConfigError: gateway.yaml:3: backends[0].url: must be an
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-import types
-import typing
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from datahall.core.config import (
+    DEFER_CROSS_CHECKS,
+    ConfigIssue,
+    compose_yaml,
+    read_text,
+    validate_at_lines,
+)
+from datahall.core.config import ConfigError as CoreConfigError
+from datahall.core.config import did_you_mean as _did_you_mean
+from datahall.core.config import yaml_path as _path
 from datahall.gateway.ratelimit import RateLimit, SizeLimits
 from datahall.gateway.routing import PROFILES
 from datahall.gateway.transform import (
@@ -105,7 +109,7 @@ ROUTING_POLICIES: tuple[str, ...] = tuple(PROFILES)
 ``imbalance_threshold`` tune the scorer presets (``prefix-load``, ``kv-aware``), and ``orca``
 the ``orca-wrr`` picker."""
 
-_DEFER = "datahall.defer_cross_checks"  # validation context flag: load_config runs them itself
+_DEFER = DEFER_CROSS_CHECKS  # validation context flag: load_config runs them itself
 
 
 class _Section(BaseModel):
@@ -596,123 +600,14 @@ class GatewayConfig(_Section):
         return self.semantic_cache.redis_url or self.redis_url
 
 
-# --- errors that point at the line ------------------------------------------------------------
+# --- errors that point at the line (the machinery is datahall.core.config) ---------------------
 
 
-@dataclass(frozen=True)
-class ConfigIssue:
-    """One problem: the YAML line (1-based; 0 if unknown), the setting's path, and what is wrong."""
-
-    line: int
-    path: str
-    message: str
-
-
-class ConfigError(ValueError):
+class ConfigError(CoreConfigError):
     """A configuration that cannot be used; one line per problem, sorted by line:
     ``gateway.yaml:12: backends[1].url: must be an http:// or https:// URL ...``."""
 
-    def __init__(self, issues: Sequence[ConfigIssue], source: str = "gateway.yaml") -> None:
-        self.issues = sorted(issues, key=lambda i: i.line)
-        self.source = source
-        super().__init__("\n".join(self._line(i) for i in self.issues))
-
-    def _line(self, issue: ConfigIssue) -> str:
-        where = f"{self.source}:{issue.line}" if issue.line else self.source
-        return (
-            f"{where}: {issue.path}: {issue.message}" if issue.path else f"{where}: {issue.message}"
-        )
-
-
-def _path(loc: Sequence[str | int]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z_][\w.-]*", str(part)):
-            out += f".{part}" if out else str(part)
-        else:
-            out += f"[{part!r}]"
-    return out
-
-
-def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _line(node: yaml.Node) -> int:
-    return node.start_mark.line + 1
-
-
-def _child(node: yaml.Node | None, part: str | int) -> tuple[yaml.Node, yaml.Node] | None:
-    """(the node to report, the value node) for `part` under `node`, following merge keys."""
-    if isinstance(node, yaml.MappingNode):
-        merged = []
-        for key, value in node.value:
-            if key.tag == "tag:yaml.org,2002:merge":
-                merged += value.value if isinstance(value, yaml.SequenceNode) else [value]
-            elif isinstance(key, yaml.ScalarNode) and key.value == str(part):
-                # a scalar's error is on its own line; a section's on its key's line
-                return (value if isinstance(value, yaml.ScalarNode) else key), value
-        for m in merged:
-            found = _child(m, part)
-            if found:
-                return found
-    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-        return node.value[part], node.value[part]
-    return None
-
-
-def _locate(root: yaml.Node | None, loc: Sequence[str | int]) -> tuple[int, list[str | int]]:
-    """The line for an error at `loc`, and the part of `loc` that names settings: elements
-    pydantic adds for unions or function validators, which the YAML lacks, are skipped; the
-    last element is kept even when missing (a required field, an unknown key)."""
-    line = _line(root) if root is not None else 1
-    node, shown = root, []
-    for k, part in enumerate(loc):
-        found = _child(node, part)
-        if found is None:
-            if k == len(loc) - 1 and not _is_internal(part):
-                shown.append(part)
-            continue
-        report, node = found
-        line = _line(report)
-        shown.append(part)
-    return line, shown
-
-
-def _is_internal(part: str | int) -> bool:
-    return isinstance(part, str) and ("[" in part or part in ("function-after", "function-before"))
-
-
-def _strip_optional(t: Any) -> Any:
-    if typing.get_origin(t) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(t) if a is not type(None)]
-        return args[0] if len(args) == 1 else t
-    if typing.get_origin(t) is Annotated:
-        return _strip_optional(typing.get_args(t)[0])
-    return t
-
-
-def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
-    """The section class at `loc` (to list its fields when a key is unknown)."""
-    t: Any = GatewayConfig
-    for part in loc:
-        t = _strip_optional(t)
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            field = t.model_fields.get(str(part))
-            if field is None:
-                return None
-            t = field.annotation
-        elif typing.get_origin(t) is list and isinstance(part, int):
-            t = typing.get_args(t)[0]
-        elif typing.get_origin(t) is dict:
-            t = typing.get_args(t)[1]
-        else:
-            return None
-    t = _strip_optional(t)
-    return t if isinstance(t, type) and issubclass(t, BaseModel) else None
+    default_source = "gateway.yaml"
 
 
 _HINTS = {
@@ -724,81 +619,24 @@ _HINTS = {
 }
 
 
-def _message(error: Mapping[str, Any], shown: Sequence[str | int]) -> str:
-    kind, msg, value = error["type"], error["msg"], error.get("input")
-    if kind == "extra_forbidden":
-        name = str(shown[-1]) if shown else "?"
-        if name in _HINTS:
-            return f"unknown field {name!r}: {_HINTS[name]}"
-        model = _model_at(shown[:-1])
-        allowed = list(model.model_fields) if model else []
-        return f"unknown field {name!r}{_did_you_mean(name, allowed)}" + (
-            f"; allowed: {', '.join(allowed)}" if allowed else ""
-        )
-    if kind == "missing":
-        return "required, but missing"
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(prefix):
-            return msg[len(prefix) :]
-    if isinstance(value, str | int | float | bool) or value is None:
-        msg += f" (got {value!r})"
-    return msg
-
-
-def _duplicate_keys(node: yaml.Node | None, issues: list[ConfigIssue], path: list) -> None:
-    # PyYAML keeps the last of two equal keys silently; a config must not
-    if isinstance(node, yaml.MappingNode):
-        first: dict[str, int] = {}
-        for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                if key.value in first:
-                    issues.append(
-                        ConfigIssue(
-                            _line(key),
-                            _path([*path, key.value]),
-                            f"duplicate key (first at line {first[key.value]})",
-                        )
-                    )
-                first.setdefault(key.value, _line(key))
-                _duplicate_keys(value, issues, [*path, key.value])
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _duplicate_keys(item, issues, [*path, i])
-
-
 def parse_config(text: str, *, source: str = "gateway.yaml") -> GatewayConfig:
     """Validate YAML `text`; :class:`ConfigError` lists each problem at its line in `source`."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else 0
-        problem = " ".join(p for p in (e.context, e.problem) if p)
-        raise ConfigError([ConfigIssue(line, "", f"not valid YAML: {problem}")], source) from None
-    issues: list[ConfigIssue] = []
-    _duplicate_keys(root, issues, [])
-    if issues:
-        raise ConfigError(issues, source)
+    root, data = compose_yaml(text, source, ConfigError)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([ConfigIssue(1, "", "the file must be a mapping of settings")], source)
     # top-level x-* keys hold YAML anchors for reuse (Docker Compose's convention)
     data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
-    try:
-        config = GatewayConfig.model_validate(data, context={_DEFER: True})
-    except ValidationError as e:
-        for error in e.errors():
-            line, shown = _locate(root, error["loc"])
-            issues.append(ConfigIssue(line, _path(shown), _message(error, shown)))
-        raise ConfigError(issues, source) from None
-    for loc, message in config.problems():
-        line, shown = _locate(root, loc)
-        issues.append(ConfigIssue(line, _path(shown), message))
-    if issues:
-        raise ConfigError(issues, source)
-    return config
+    return validate_at_lines(
+        data,
+        root,
+        GatewayConfig,
+        source=source,
+        hints=_HINTS,
+        error=ConfigError,
+        problems=lambda config: config.problems(),
+    )
 
 
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
@@ -808,11 +646,4 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     >>> load_config(EXAMPLE_CONFIG).routing.policy
     'prefix-load'
     """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([ConfigIssue(0, "", "no such file")], str(p)) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([ConfigIssue(0, "", f"cannot be read: {e}")], str(p)) from None
-    return parse_config(text, source=str(path))
+    return parse_config(read_text(path, ConfigError), source=str(path))
