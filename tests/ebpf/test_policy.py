@@ -224,9 +224,8 @@ def test_flat_artifact_format_imports():
     assert not p.map_allowed("cfg", "write") and not p.map_allowed("other", "read")
     assert p.packet_window("read") == [(0, 33)]
     assert p.packet_window("read", dport=80, saddr="10.0.0.1") == [(0, 1500)]
-    assert (
-        p.packet_window("write", dport=80, saddr="10.0.0.2") is None
-    )  # entry 0 has no write-access
+    # entry 0 grants no writes, and entry 1 does not apply: no byte may be written
+    assert p.packet_window("write", dport=80, saddr="10.0.0.2") == []
 
 
 def test_an_empty_map_access_denies_every_map():

@@ -111,6 +111,8 @@ class HelperCall:
     """A helper call on a path: its ``id``, ``name``, ``pc`` and its result (z3, or a label).
 
     ``modelled`` is False for a helper the engine knows no model of (its r0 was havocked).
+    ``step`` orders it among the path's other records. For map helpers ``key`` holds the key's
+    bytes (z3) and, for a lookup that found a value, ``region`` names the value's region.
     """
 
     id: int
@@ -118,6 +120,9 @@ class HelperCall:
     pc: int
     ret: Any = None
     modelled: bool = True
+    step: int = 0
+    key: tuple = ()
+    region: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ class MapAccess:
     map: str
     kind: str
     pc: int
+    step: int = 0
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,7 @@ class _Symbols:
     pkt_len: Any
     ctx: dict[str, Any] = field(default_factory=dict)
     globals: dict[str, Any] = field(default_factory=dict)
+    initial: dict[str, dict[int, Any]] = field(default_factory=dict)  # map value bytes
 
 
 @dataclass
@@ -181,21 +188,26 @@ class PathResult:
     sinks: list[tuple[str, str, int]]
     verdict: tuple[str, Any, int] | None
     memory_reads: list[tuple[str, int]]
+    flows: list[tuple[str, Any, int]] = field(default_factory=list)
     _symbols: _Symbols = field(repr=False, default=None)
 
     @property
     def complete(self) -> bool:
         return self.status == "exit"
 
-    def model(self) -> dict[str, Any]:
-        """Concrete inputs for this path: ``packet`` (bytes), ``ctx``, ``helpers``, ``globals``.
+    def model(self, *extra: Any, maps: dict[str, int] | None = None) -> dict[str, Any]:
+        """Concrete inputs for this path (and the ``extra`` z3 conditions): ``packet`` (bytes),
+        ``ctx``, ``helpers``, ``globals`` and ``maps``.
 
         ``globals`` maps ``".data+off"`` to the initial byte a symbolic ``.data``/``.bss`` needs.
         ``helpers`` maps ``"name@pc"`` to the value the helper returned (in call order; a map
-        lookup gives ``"NULL"`` or ``"value"``). Raises ValueError if the condition is unsat.
+        lookup gives ``"NULL"`` or ``"value"``). ``maps`` holds, per map, the entries
+        (key bytes -> value bytes) that the path's successful lookups found; give the maps'
+        value sizes in `maps` to get whole values (else only the bytes the path read).
+        Raises ValueError if the condition is unsat.
         """
         s = z3.Solver()
-        s.add(*self.path_condition)
+        s.add(*self.path_condition, *extra)
         if s.check() != z3.sat:
             raise ValueError("the path condition has no model")
         m = s.model()
@@ -207,14 +219,27 @@ class PathResult:
         )
         ctx = {k: m.eval(v, model_completion=True).as_long() for k, v in sym.ctx.items()}
         data = {k: m.eval(v, model_completion=True).as_long() for k, v in sym.globals.items()}
-        helpers = {}
+        helpers: dict[str, Any] = {}
+        entries: dict[str, dict[bytes, bytes]] = {}
+
+        def concrete(bs) -> bytes:
+            return bytes(m.eval(b, model_completion=True).as_long() for b in bs)
+
         for h in self.helpers:
             key = f"{h.name}@{h.pc}"
             if isinstance(h.ret, str) or h.ret is None:
                 helpers[key] = h.ret
             else:
                 helpers[key] = m.eval(h.ret, model_completion=True).as_long()
-        return {"packet": pkt, "ctx": ctx, "helpers": helpers, "globals": data}
+            if h.region is not None and h.key:
+                known = sym.initial.get(h.region, {})
+                size = (maps or {}).get(h.region.split(":", 1)[1].split("@")[0])
+                size = size if size is not None else max(known, default=-1) + 1
+                value = concrete(known.get(i, z3.BitVecVal(0, 8)) for i in range(size))
+                entries.setdefault(h.region.split(":", 1)[1].split("@")[0], {})[concrete(h.key)] = (
+                    value
+                )
+        return {"packet": pkt, "ctx": ctx, "helpers": helpers, "globals": data, "maps": entries}
 
 
 @dataclass
@@ -226,6 +251,12 @@ class Exploration:
     reason: str | None
     insns_executed: int
     seconds: float
+    bases: dict[str, int] = field(default_factory=dict)
+
+    def where(self, slot: int) -> tuple[str, int]:
+        """The section and byte offset there of linked ``slot`` (traces use linked slots)."""
+        sec, base = max(((s, b) for s, b in self.bases.items() if b <= slot), key=lambda sb: sb[1])
+        return sec, (slot - base) * 8
 
     @property
     def returns(self) -> set[int | None]:
@@ -247,8 +278,11 @@ def program_object(insns: list[Instruction], section: str = "xdp", ptype: str = 
 # Linking
 
 
-def _link(obj: BpfObject, section: str) -> tuple[dict[int, Instruction], dict[int, tuple]]:
-    """Slot -> instruction of the section and its callees, and slot -> relocation info."""
+def _link(
+    obj: BpfObject, section: str
+) -> tuple[dict[int, Instruction], dict[int, tuple], dict[str, int]]:
+    """Slot -> instruction of the section and its callees, slot -> relocation info, and
+    section -> its first slot."""
     if section not in obj.programs:
         raise KeyError(f"no program section {section!r}; this object has {sorted(obj.programs)}")
     bases: dict[str, int] = {}
@@ -283,7 +317,7 @@ def _link(obj: BpfObject, section: str) -> tuple[dict[int, Instruction], dict[in
                 info[s] = ("global", r.target, r.addend)
             else:
                 info[s] = (r.kind, r.target)
-    return code, info
+    return code, info, bases
 
 
 def link(obj: BpfObject, section: str) -> tuple[list[Instruction], dict[int, tuple]]:
@@ -297,7 +331,7 @@ def link(obj: BpfObject, section: str) -> tuple[list[Instruction], dict[int, tup
     >>> len(insns), relocs
     (1, {})
     """
-    code, info = _link(obj, section)
+    code, info, _ = _link(obj, section)
     out = []
     for slot, ins in sorted(code.items()):
         rel = info.get(slot)
@@ -331,6 +365,7 @@ class _State:
     sinks: list
     verdict: Any
     reads: list
+    flows: list
     steps: int = 0
 
     def fork(self) -> _State:
@@ -339,7 +374,7 @@ class _State:
             self.packet, self.pkt_len, list(self.frames), self.depth, list(self.pc_conds),
             dict(self.visits), list(self.trace), list(self.helpers), list(self.maps),
             list(self.pkt), list(self.ctx), list(self.sinks), self.verdict, list(self.reads),
-            self.steps,
+            list(self.flows), self.steps,
         )  # fmt: skip
 
 
@@ -408,7 +443,7 @@ class _Explorer:
         self.concrete_data = concrete_data
         self.obj = obj
         self.ptype = obj.programs[section].type
-        self.code, self.info = _link(obj, section)
+        self.code, self.info, self.bases = _link(obj, section)
         self.max_paths, self.max_insns, self.loop_bound = max_paths, max_insns, loop_bound
         self.deadline = time.monotonic() + budget
         self.solver = z3.Solver()
@@ -497,7 +532,7 @@ class _Explorer:
         for i in (2, 3, 4, 5):
             regs[i] = self.fresh(f"r{i}")
         init = _State(0, regs, {"stack0": {}}, {}, self.sym.packet, self.sym.pkt_len, [], 0,
-                      list(self.base_conds), {}, [], [], [], [], [], [], None, [])  # fmt: skip
+                      list(self.base_conds), {}, [], [], [], [], [], [], None, [], [])  # fmt: skip
         work = [init]
         while work:
             if time.monotonic() > self.deadline:
@@ -536,6 +571,7 @@ class _Explorer:
                 st.sinks,
                 st.verdict,
                 st.reads,
+                st.flows,
                 self.sym,
             )  # fmt: skip
         )
@@ -597,6 +633,7 @@ class _Explorer:
                     r0 = regs[0]
                     if isinstance(r0, Ptr):
                         raise _Incomplete(f"pc {pc}: returns a pointer into {r0.region}")
+                    st.flows.append(("return", r0, pc))
                     self.finish(st, "exit", None, r0)
                     return []
                 nxt, saved = st.frames.pop()
@@ -795,7 +832,7 @@ class _Explorer:
         size = STACK_SIZE if p.region.startswith("stack") else self.region_size(p.region)
         off = self._offset(p, n, size, pc)
         if kind == "mapval":
-            st.maps.append(MapAccess(self._map_of(p.region), "value_read", pc))
+            st.maps.append(MapAccess(self._map_of(p.region), "value_read", pc, st.steps))
         if n == 8 and (p.region, off) in st.spills:
             return st.spills[(p.region, off)]
         mem = st.mem.setdefault(p.region, {})
@@ -832,7 +869,36 @@ class _Explorer:
             if key not in self.sym.globals:
                 self.sym.globals[key] = z3.BitVec(f"global:{key}", 8)
             return self.sym.globals[key]
-        return z3.BitVec(f"{region}+{off}#{next(self.uid)}", 8)
+        b = z3.BitVec(f"{region}+{off}#{next(self.uid)}", 8)
+        if region.startswith("mapval:"):
+            self.sym.initial.setdefault(region, {})[off] = b
+        return b
+
+    def peek(self, st: _State, p: Any, n: Any, pc: int, what: str) -> list:
+        """The bytes ``p[0:n]`` as z3 bytes, without recording an access (for helpers that
+        read memory: keys, values, output records). A size that is not a small constant gives
+        every byte the region holds so far (an over-approximation for information flow)."""
+        if not isinstance(p, Ptr):
+            raise _Incomplete(f"pc {pc}: {what} is not a pointer")
+        k = self._const(n) if not isinstance(n, Ptr) else None
+        if p.region == "packet":
+            if k is None or k > STACK_SIZE:
+                return [z3.Select(st.packet, p.off)]
+            return [z3.Select(st.packet, p.off + i) for i in range(k)]
+        mem = st.mem.setdefault(p.region, {})
+        if k is None or k > STACK_SIZE:
+            return list(mem.values())
+        size = STACK_SIZE if p.region.startswith("stack") else self.region_size(p.region)
+        off = self._offset(p, k, size, pc)
+        out = []
+        for i in range(off, off + k):
+            if any((p.region, i - j) in st.spills for j in range(8)):
+                out.append(self.fresh(f"{p.region}.spill", 8))
+            else:
+                if i not in mem:
+                    mem[i] = self.initial_byte(p.region, i, pc)
+                out.append(mem[i])
+        return out
 
     def store(self, st: _State, p: Ptr, value, n: int, pc: int) -> None:
         kind = p.region.split(":")[0]
@@ -844,6 +910,7 @@ class _Explorer:
             return
         if p.region == "packet":
             st.pkt.append(self.pkt_access(st, "write", p.off, n, pc))
+            st.flows.append(("packet", value, pc))
             arr = st.packet
             for i, b in enumerate(split(S, value, n)):
                 arr = z3.Store(arr, p.off + i, z3.simplify(b))
@@ -858,7 +925,10 @@ class _Explorer:
         size = STACK_SIZE if p.region.startswith("stack") else self.region_size(p.region)
         off = self._offset(p, n, size, pc)
         if kind == "mapval":
-            st.maps.append(MapAccess(self._map_of(p.region), "value_write", pc))
+            st.maps.append(MapAccess(self._map_of(p.region), "value_write", pc, st.steps))
+            st.flows.append((f"map:{self._map_of(p.region)}", value, pc))
+        elif kind == "ringbuf":
+            st.flows.append(("ringbuf", value, pc))
         for k in range(-7, n):
             st.spills.pop((p.region, off + k), None)
         mem = st.mem.setdefault(p.region, {})
@@ -869,6 +939,19 @@ class _Explorer:
             return
         for i, b in enumerate(split(S, value, n)):
             mem[off + i] = z3.simplify(b)
+
+    def store_bytes(self, st: _State, off: Any, bs: list, pc: int) -> None:
+        """A helper's write of ``bs`` at packet offset ``off`` (skb_store_bytes, csum
+        replacements). The helper checks bounds itself, so the access counts as bounded."""
+        if isinstance(off, Ptr):
+            raise _Incomplete(f"pc {pc}: packet offset is a pointer")
+        off = S.zext(off, 32)
+        st.pkt.append(self.pkt_access(st, "write", off, len(bs), pc, True))
+        arr = st.packet
+        for i, b in enumerate(bs):
+            arr = z3.Store(arr, off + i, b)
+            st.flows.append(("packet", b, pc))
+        st.packet = arr
 
     def write_fresh(self, st: _State, p, n, pc: int, what: str) -> None:
         if not isinstance(p, Ptr):
@@ -903,40 +986,60 @@ class _Explorer:
             for i in range(1, 6):
                 s.regs[i] = self.fresh(f"clobbered.r{i}")
 
+        step = st.steps
+
+        def key_of(m: str) -> tuple:
+            size = self.obj.maps[m].key_size if m in self.obj.maps else 0
+            return tuple(self.peek(st, args[1], S.const(size), pc, "the key")) if size else ()
+
         if name in ("map_lookup_elem", "map_lookup_percpu_elem"):
             m = self.map_arg(args[0], pc)
-            st.maps.append(MapAccess(m, "read", pc))
+            st.maps.append(MapAccess(m, "read", pc, step))
+            key = key_of(m)
             null, val = st.fork(), st
             null.regs[0] = S.const(0)
-            null.helpers.append(HelperCall(hid, name, pc, "NULL"))
-            val.regs[0] = Ptr(self.new_region("mapval", f"{m}@{pc}"), S.const(0))
-            val.helpers.append(HelperCall(hid, name, pc, "value"))
+            null.helpers.append(HelperCall(hid, name, pc, "NULL", step=step, key=key))
+            region = self.new_region("mapval", f"{m}@{pc}")
+            val.regs[0] = Ptr(region, S.const(0))
+            val.helpers.append(HelperCall(hid, name, pc, "value", step=step, key=key,
+                                          region=region))  # fmt: skip
             clobber(null)
             clobber(val)
             return [val, null]
         if name == "ringbuf_reserve":
             m = self.map_arg(args[0], pc)
-            st.maps.append(MapAccess(m, "output", pc))
+            st.maps.append(MapAccess(m, "output", pc, step))
             size = self._const(args[1]) if not isinstance(args[1], Ptr) else None
             null, val = st.fork(), st
             null.regs[0] = S.const(0)
-            null.helpers.append(HelperCall(hid, name, pc, "NULL"))
+            null.helpers.append(HelperCall(hid, name, pc, "NULL", step=step))
             region = self.new_region("ringbuf", f"{m}@{pc}")
             self.regions[region] = ("ringbuf", f"{m}@{pc}", size)
             val.regs[0] = Ptr(region, S.const(0))
-            val.helpers.append(HelperCall(hid, name, pc, "value"))
+            val.helpers.append(HelperCall(hid, name, pc, "value", step=step))
             clobber(null)
             clobber(val)
             return [val, null]
+        key: tuple = ()
         if name in ("map_update_elem", "map_push_elem"):
-            st.maps.append(MapAccess(self.map_arg(args[0], pc), "write", pc))
+            m = self.map_arg(args[0], pc)
+            st.maps.append(MapAccess(m, "write", pc, step))
+            vsize = self.obj.maps[m].value_size if m in self.obj.maps else 0
+            if name == "map_update_elem":
+                key = key_of(m)
+                value = self.peek(st, args[2], S.const(vsize), pc, "the value")
+            else:
+                value = self.peek(st, args[1], S.const(vsize), pc, "the value")
+            st.flows.append((f"map:{m}", list(key) + value, pc))
         elif name in ("map_delete_elem", "map_pop_elem"):
             m = self.map_arg(args[0], pc)
             if name == "map_pop_elem":
-                st.maps.append(MapAccess(m, "read", pc))
-            st.maps.append(MapAccess(m, "delete", pc))
+                st.maps.append(MapAccess(m, "read", pc, step))
+            else:
+                key = key_of(m)
+            st.maps.append(MapAccess(m, "delete", pc, step))
         elif name == "map_peek_elem":
-            st.maps.append(MapAccess(self.map_arg(args[0], pc), "read", pc))
+            st.maps.append(MapAccess(self.map_arg(args[0], pc), "read", pc, step))
         elif name in ("ringbuf_submit", "ringbuf_discard"):
             p = args[0]
             label = self.regions.get(p.region, ("", "?"))[1] if isinstance(p, Ptr) else "?"
@@ -944,10 +1047,22 @@ class _Explorer:
             ret = S.const(0)
         elif name == "ringbuf_output":
             st.sinks.append((name, self.map_arg(args[0], pc), pc))
-            st.maps.append(MapAccess(st.sinks[-1][1], "output", pc))
+            st.maps.append(MapAccess(st.sinks[-1][1], "output", pc, step))
+            st.flows.append(("ringbuf", self.peek(st, args[1], args[2], pc, "the record"), pc))
         elif name in ("perf_event_output", "skb_output", "xdp_output"):
             st.sinks.append((name, self.map_arg(args[1], pc), pc))
-            st.maps.append(MapAccess(st.sinks[-1][1], "output", pc))
+            st.maps.append(MapAccess(st.sinks[-1][1], "output", pc, step))
+            record = self.peek(st, args[3], args[4], pc, "the record")
+            if name != "perf_event_output":  # skb/xdp_output also copy the packet
+                record.append(z3.Select(st.packet, S.const(0)))
+            st.flows.append(("perf_output", record, pc))
+        elif name == "probe_write_user":
+            st.flows.append(("user", self.peek(st, args[1], args[2], pc, "the source"), pc))
+        elif name == "skb_store_bytes":
+            self.store_bytes(st, args[1], self.peek(st, args[2], args[3], pc, "from"), pc)
+        elif name in ("l3_csum_replace", "l4_csum_replace"):
+            new = [self.fresh(f"{name}@{pc}", 8) for _ in range(2)]
+            self.store_bytes(st, args[1], [z3.Extract(7, 0, b) for b in new], pc)
         elif name in (
             "redirect",
             "redirect_map",
@@ -958,7 +1073,7 @@ class _Explorer:
             target = args[0] if name != "redirect_map" else self.map_arg(args[0], pc)
             st.verdict = ("redirect" if name != "clone_redirect" else "clone_redirect", target, pc)
             if name == "redirect_map":
-                st.maps.append(MapAccess(target, "read", pc))
+                st.maps.append(MapAccess(target, "read", pc, step))
                 flags = args[2] if not isinstance(args[2], Ptr) else S.const(0)
                 hit = z3.Bool(f"redirect_map@{pc}#{next(self.uid)}")
                 ret = z3.If(hit, S.const(4), flags & 0x3)
@@ -985,7 +1100,7 @@ class _Explorer:
             for k in [k for k, v in st.spills.items() if v.region == "packet"]:
                 del st.spills[k]
             ret = self.fresh(f"{name}@{pc}")
-            st.helpers.append(HelperCall(hid, name, pc, ret))
+            st.helpers.append(HelperCall(hid, name, pc, ret, step=step))
             regs[0] = ret
             clobber(st)
             ok = ret == 0
@@ -1006,7 +1121,7 @@ class _Explorer:
         # _FRESH helpers, and helpers unknown here, give a fresh r0 (a policy denies unknowns).
         if ret is None:
             ret = self.fresh(f"{name}@{pc}")
-        st.helpers.append(HelperCall(hid, name, pc, ret, name in MODELLED_HELPERS))
+        st.helpers.append(HelperCall(hid, name, pc, ret, name in MODELLED_HELPERS, step, key))
         regs[0] = ret
         clobber(st)
         return None
@@ -1083,4 +1198,4 @@ def explore(
     ex.run()
     reasons = [p.reason for p in ex.paths if not p.complete]
     reason = ex.stop or (f"{len(reasons)} incomplete path(s): {reasons[0]}" if reasons else None)
-    return Exploration(ex.paths, reason is None, reason, ex.insns, time.monotonic() - t0)
+    return Exploration(ex.paths, reason is None, reason, ex.insns, time.monotonic() - t0, ex.bases)

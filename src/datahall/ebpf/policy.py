@@ -339,8 +339,9 @@ class PacketWhen(_Section):
 
 
 class PacketPolicy(_Section):
-    """One ``packet`` entry: inclusive byte windows for `read` and `write` (``None``: any byte),
-    applying when `when` holds (``None``: always)."""
+    """One ``packet`` entry: inclusive byte windows for `read` and `write`, applying when `when`
+    holds (``None``: always). An entry that leaves out `read` (or `write`) grants none of it;
+    only when no entry mentions `read` (or `write`) are such accesses unconstrained."""
 
     read: list[Window] | None = None
     write: list[Window] | None = None
@@ -582,18 +583,13 @@ class Policy(_Section):
         >>> Policy().packet_window("write") is None
         True
         """
-        if kind not in ("read", "write"):
-            raise ValueError(f"packet access kind must be read or write (got {kind!r})")
-        if self.packet is None:
+        entries = self.packet_entries(kind)
+        if entries is None:
             return None
         spans: list[tuple[int, int]] = []
-        for entry in self.packet:
-            if entry.when is not None and not entry.when.matches(headers):
-                continue
-            windows = getattr(entry, kind)
-            if windows is None:
-                return None
-            spans += windows
+        for when, windows in entries:
+            if when is None or when.matches(headers):
+                spans += windows
         merged: list[tuple[int, int]] = []
         for lo, hi in sorted(spans):
             if merged and lo <= merged[-1][1] + 1:
@@ -601,6 +597,25 @@ class Policy(_Section):
             else:
                 merged.append((lo, hi))
         return merged
+
+    def packet_entries(
+        self, kind: Literal["read", "write"]
+    ) -> list[tuple[PacketWhen | None, list[tuple[int, int]]]] | None:
+        """The ``(when, windows)`` of the ``packet`` entries that grant `kind` accesses, or
+        ``None`` when no entry mentions `kind` (any byte may then be accessed that way).
+
+        >>> p = Policy.model_validate({"packet": [{"read": [[0, 13]]},
+        ...     {"read": [[14, 33]], "write": [[22, 22]], "when": {"ip_proto": "udp"}}]})
+        >>> [(w is not None, ws) for w, ws in p.packet_entries("write")]
+        [(True, [(22, 22)])]
+        >>> Policy.model_validate({"packet": {"read": [[0, 13]]}}).packet_entries("write") is None
+        True
+        """
+        if kind not in ("read", "write"):
+            raise ValueError(f"packet access kind must be read or write (got {kind!r})")
+        if self.packet is None or all(getattr(e, kind) is None for e in self.packet):
+            return None
+        return [(e.when, getattr(e, kind)) for e in self.packet if getattr(e, kind) is not None]
 
     def packet_allowed(
         self, kind: Literal["read", "write"], lo: int, hi: int, **headers: Any
