@@ -387,6 +387,7 @@ class _Checker:
         self.solver = z3.Solver()
         self.solver.set("timeout", 10_000)
         self.value_sizes = {m.name: m.value_size for m in obj.maps.values()}
+        self.applies: dict[tuple[int, int], bool] = {}  # (path, packet entry) -> when proved
 
     # where and what
 
@@ -504,20 +505,21 @@ class _Checker:
                         i, path, a.pc, expect={"map": a.map, "access": kind})  # fmt: skip
 
     def check_packet(self, i, path, a: PacketAccess) -> None:
-        what = f"packet {a.kind} of {self.span(a)}"
         if not a.bounded:
             self.report(("bounds", a.kind, a.pc), "packet",
-                        f"{what} is not proved within data_end by the path's checks",
+                        f"{self.what(a)} is not proved within data_end by the path's checks",
                         i, path, a.pc, z3.Not(z3.ULE(a.end, path._symbols.pkt_len)))  # fmt: skip
             return
         entries = self.policy.packet_entries(a.kind)
         if entries is None:
             return
         windows: list[tuple[int, int]] = []
-        for when, ws in entries:
+        for k, (when, ws) in enumerate(entries):
             if when is not None:
-                cond = when_condition(when, path._symbols.packet, path._symbols.pkt_len)
-                if not self.provable(path, cond):
+                if (i, k) not in self.applies:
+                    cond = when_condition(when, path._symbols.packet, path._symbols.pkt_len)
+                    self.applies[(i, k)] = self.provable(path, cond)
+                if not self.applies[(i, k)]:
                     continue
             windows += ws
         if a.range is not None:
@@ -531,14 +533,17 @@ class _Checker:
             return
         allowed = ", ".join(f"{w0}..{w1}" for w0, w1 in windows) or "none here"
         self.report(("packet", a.kind, a.pc), "packet",
-                    f"{what} is outside the {a.kind} windows that apply on this path ({allowed})",
+                    f"{self.what(a)} is outside the {a.kind} windows that apply on this path"
+                    f" ({allowed})",
                     i, path, a.pc, z3.Not(inside),
                     expect={f"packet_{a.kind}": [a.range[0], a.range[1] - 1] if a.range else None})  # fmt: skip
 
-    def span(self, a: PacketAccess) -> str:
+    def what(self, a: PacketAccess) -> str:
         if a.range is not None:
-            return f"bytes {a.range[0]}..{a.range[1] - 1}"
-        return f"{z3.simplify(a.end - a.start)} bytes at offset {a.start}"
+            return f"packet {a.kind} of bytes {a.range[0]}..{a.range[1] - 1}"
+        n = z3.simplify(a.end - a.start)
+        size = f"{n.as_long()} byte(s)" if z3.is_bv_value(n) else "bytes"
+        return f"packet {a.kind} of {size} at an offset that depends on the input"
 
     def check_return(self, i, path, called, written) -> None:
         p = self.policy
@@ -730,11 +735,15 @@ def _check_program(
             f"a {prog.type} program; program_types allows {', '.join(policy.program_types)}",
             section, None, None, -1, [], None,
         )  # fmt: skip
-    for i, path in enumerate(ex.paths):
-        ck.check_path(i, path)
+    deadline = time.monotonic() + budgets.get("time_budget_s", 60.0)
     unknown = []
+    for i, path in enumerate(ex.paths):
+        if time.monotonic() > deadline:
+            unknown.append(f"time budget exhausted while checking ({i} of {len(ex.paths)} paths)")
+            break
+        ck.check_path(i, path)
     if not ex.complete:
-        unknown = list(dict.fromkeys([ex.reason] + [p.reason for p in ex.paths if p.reason]))
+        unknown += list(dict.fromkeys([ex.reason] + [p.reason for p in ex.paths if p.reason]))
     violations = list(ck.found.values())
     verdict = "VIOLATION" if violations else ("UNKNOWN" if unknown else "COMPLIANT")
     maps: dict[str, set[str]] = {}

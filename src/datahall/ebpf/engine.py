@@ -367,6 +367,7 @@ class _State:
     reads: list
     flows: list
     steps: int = 0
+    model: Any = None  # a z3 model of pc_conds, when one is known
 
     def fork(self) -> _State:
         return _State(
@@ -374,7 +375,7 @@ class _State:
             self.packet, self.pkt_len, list(self.frames), self.depth, list(self.pc_conds),
             dict(self.visits), list(self.trace), list(self.helpers), list(self.maps),
             list(self.pkt), list(self.ctx), list(self.sinks), self.verdict, list(self.reads),
-            list(self.flows), self.steps,
+            list(self.flows), self.steps, self.model,
         )  # fmt: skip
 
 
@@ -474,8 +475,9 @@ class _Explorer:
             self.solver.add(c)
             self.asserted.append(c)
 
-    def _sat(self, extra) -> bool:
-        """Whether the asserted path condition and ``extra`` can hold (unknown counts as sat)."""
+    def _model(self, extra) -> Any:
+        """A model of the asserted path condition and ``extra``; None when the solver gives
+        up (counted as satisfiable), False when unsatisfiable."""
         e = z3.simplify(extra)
         if z3.is_false(e):
             return False
@@ -484,8 +486,9 @@ class _Explorer:
         left = max(1, int((self.deadline - time.monotonic()) * 1000))
         self.solver.set("timeout", left)
         r = self.solver.check()
+        m = self.solver.model() if r == z3.sat else None
         self.solver.pop()
-        return r != z3.unsat
+        return False if r == z3.unsat else m
 
     def _valid(self, cond) -> bool:
         """Whether the asserted path condition implies ``cond`` (proved, not just unknown)."""
@@ -581,16 +584,27 @@ class _Explorer:
         c = z3.simplify(cond)
         if z3.is_true(c) or z3.is_false(c):
             return [(st, z3.is_true(c))]
-        out = [(x, b) for x, b in ((c, True), (z3.simplify(z3.Not(c)), False)) if self._sat(x)]
+        out = []
+        for x, b in ((c, True), (z3.simplify(z3.Not(c)), False)):
+            # The state's model decides one side for free (a counterexample cache, as KLEE's).
+            if st.model is not None and z3.is_true(st.model.eval(x, model_completion=True)):
+                out.append((x, b, st.model))
+                continue
+            m = self._model(x)
+            if m is not False:
+                out.append((x, b, m))
         if len(out) == 1:
             st.pc_conds.append(out[0][0])
+            st.model = out[0][2]
             self._sync(st.pc_conds)
             return [(st, out[0][1])]
         if not out:
             raise _Incomplete("neither side of a branch is satisfiable (solver gave up?)")
         taken = st.fork()
         taken.pc_conds.append(out[0][0])
+        taken.model = out[0][2]
         st.pc_conds.append(out[1][0])
+        st.model = out[1][2]
         return [(taken, True), (st, False)]
 
     def step_path(self, st: _State) -> list[_State]:
@@ -1111,7 +1125,9 @@ class _Explorer:
                         f"packet@{pc}#{next(self.uid)}", z3.BitVecSort(64), z3.BitVecSort(8)
                     )
                     k.pkt_len = z3.BitVec(f"pkt_len@{pc}#{next(self.uid)}", 64)
-                    k.pc_conds.append(z3.ULE(k.pkt_len, z3.BitVecVal(self.max_packet, 64)))
+                    k.pc_conds.append(
+                        z3.ULE(k.pkt_len, z3.BitVecVal(self.max_packet, 64))
+                    )  # holds at 0, so st.model stays a model
                 k.pc = st.pc
                 kids.append(k)
             return kids

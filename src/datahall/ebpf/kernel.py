@@ -10,9 +10,10 @@ layouts of the UAPI header ``linux/bpf.h``; neither libbpf nor bpftool is used.
 map per global data section (``.rodata`` maps are read-only to the program and frozen, as libbpf
 does, so the verifier sees their constants), patches the ``lddw`` and ``call`` slots of the
 program linked by :func:`datahall.ebpf.engine.link`, and calls ``BPF_PROG_LOAD``. No BTF is
-passed: static bpf-to-bpf calls load without it, ``bpf_loop`` callbacks, kfuncs, ``__ksym``
-externs and BTF-typed attach points (fentry, lsm, struct_ops) do not and raise
-:class:`KernelError`.
+passed: bpf-to-bpf calls load without it (global functions are then verified like static ones);
+``bpf_loop`` callbacks, kfuncs, ``__ksym`` externs and BTF-typed attach points (fentry, lsm,
+struct_ops) do not, and raise :class:`KernelError`. Maps pinned by name are created afresh, not
+shared.
 
 Loading needs ``CAP_BPF`` (root); :func:`available` says whether this process may call
 ``bpf()`` (brief §5: gate every kernel test on that probe).
