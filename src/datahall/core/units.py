@@ -26,6 +26,7 @@ __all__ = [
     "parse_bytes",
     "parse_bandwidth",
     "parse_time",
+    "parse_budget",
     "format_bytes",
     "format_bandwidth",
     "format_time",
@@ -132,6 +133,24 @@ def parse_time(text: str | int | float) -> Fraction:
     if unit not in _TIME:
         raise UnitError(f"cannot read time {text!r}: use one of {', '.join(_TIME)}")
     return num * _TIME[unit]
+
+
+def parse_budget(text: str, option: str = "--budget") -> float:
+    """A positive wall-clock budget in seconds from ``"60s"``, ``"2min"`` or bare seconds.
+
+    >>> parse_budget("2min"), parse_budget("7.5")
+    (120.0, 7.5)
+    """
+    bare = text.replace(".", "", 1).isdigit()
+    try:
+        seconds = float(parse_time(f"{text}s" if bare else text))
+    except UnitError:
+        raise UnitError(
+            f"bad {option} {text!r}: write seconds with a unit, e.g. 60s or 2min"
+        ) from None
+    if seconds <= 0:
+        raise UnitError(f"{option} must be positive, not {text!r}")
+    return seconds
 
 
 def _fmt(value: float, units: list[tuple[float, str]], digits: int) -> str:

@@ -59,6 +59,7 @@ __all__ = [
     "EXIT_CODES",
     "describe_packet",
     "verdict_value",
+    "entry_sections",
 ]
 
 EXIT_CODES = {"COMPLIANT": 0, "VIOLATION": 1, "UNKNOWN": 3, "INDEPENDENT": 0, "INTERFERE": 1}
@@ -613,7 +614,10 @@ def _counterexample(
     return None
 
 
-def _sections(obj: BpfObject, policy: Policy, section: str | None) -> list[str]:
+def entry_sections(obj: BpfObject, policy: Policy, section: str | None = None) -> list[str]:
+    """The program sections :func:`check` checks: `section`, else the program the policy's
+    ``entry_function`` names, else every program (``.text`` subprograms go with their callers).
+    """
     entries = [s for s, p in obj.programs.items() if p.type != "subprog"]
     if section is not None:
         if section not in obj.programs:
@@ -718,7 +722,9 @@ def check(
             "loop_bound": loop_bound,
         },
     )
-    programs = [_check_program(obj, s, policy, budgets) for s in _sections(obj, policy, section)]
+    programs = [
+        _check_program(obj, s, policy, budgets) for s in entry_sections(obj, policy, section)
+    ]
     return Report(str(obj.path), programs)
 
 
@@ -889,7 +895,7 @@ def interfere(
     objs = [_as_object(first), _as_object(second)]
     sections = []
     for obj, sec in zip(objs, (first_section, second_section), strict=True):
-        secs = _sections(obj, Policy(), sec)
+        secs = entry_sections(obj, Policy(), sec)
         if len(secs) != 1:
             raise CheckError(
                 f"{obj.path} has {len(secs)} programs ({', '.join(secs)}); name one with a section"

@@ -48,6 +48,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from functools import cache
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -79,6 +80,9 @@ __all__ = [
     "CTX_FIELDS",
     "PROGRAM_TYPES",
     "RETURN_CODES",
+    "SHIPPED",
+    "shipped_policies",
+    "resolve_policy",
     "Budget",
     "CtxPolicy",
     "FlowPolicy",
@@ -1012,6 +1016,36 @@ def from_krakenguard(data: Any, *, source: str = "policy.json") -> Policy:
         raise PolicyError(
             [ConfigIssue(0, "", f"imported policy is not valid: {e}")], source
         ) from None
+
+
+SHIPPED = Path(__file__).parent / "policies"
+"""Policies that ship with datahall (``tenant-xdp``, ``ttl-rewriter``, ``no-kernel-writes``)."""
+
+
+def shipped_policies() -> dict[str, Path]:
+    """The shipped policies by name.
+
+    >>> sorted(shipped_policies())
+    ['no-kernel-writes', 'tenant-xdp', 'ttl-rewriter']
+    """
+    return {p.stem: p for p in sorted(SHIPPED.glob("*.yaml"))}
+
+
+def resolve_policy(spec: str) -> Policy:
+    """A policy from a file path or the name of a shipped policy; a clear error otherwise."""
+    if not Path(spec).exists():
+        shipped = shipped_policies()
+        if spec in shipped:
+            return load_policy(shipped[spec])
+        raise PolicyError(
+            [
+                ConfigIssue(
+                    0, "", f"no policy file {spec!r}; shipped policies: {', '.join(shipped)}"
+                )
+            ],
+            "--policy",
+        )
+    return load_policy(spec)
 
 
 def load_policy(path_or_text: str | os.PathLike[str], *, source: str | None = None) -> Policy:

@@ -25,7 +25,7 @@ import typer
 
 from ..core.cli import emit_json
 from ..core.report import console, print_table, progress_bar, write_json
-from ..core.units import UnitError, parse_time
+from ..core.units import UnitError, parse_budget
 from .problem import AsOptimum, Problem, ProblemError
 
 app = typer.Typer(
@@ -64,14 +64,9 @@ SurrogateOpt = Annotated[
 def budget_seconds(text: str) -> float:
     """``"60s"``, ``"2min"`` or a bare number of seconds, as seconds."""
     try:
-        s = float(parse_time(text if not text.replace(".", "", 1).isdigit() else f"{text}s"))
-    except (UnitError, ValueError):
-        raise ProblemError(
-            f"bad --budget {text!r}: write seconds with a unit, e.g. 60s or 2min"
-        ) from None
-    if s <= 0:
-        raise ProblemError(f"--budget must be positive, not {text!r}")
-    return s
+        return parse_budget(text)
+    except UnitError as e:
+        raise ProblemError(str(e)) from None
 
 
 def load_object(spec: str, what: str) -> Any:
