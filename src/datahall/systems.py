@@ -106,6 +106,9 @@ SYSTEMS: tuple[System, ...] = (
         "datahall.ebpf",
         "load-time policy checking of eBPF programs by symbolic execution",
         "KrakenGuard, NSDI '26",
+        "ready",
+        "datahall.ebpf.cli:app",
+        "datahall.ebpf.demo:run",
     ),
     System(
         "optical",

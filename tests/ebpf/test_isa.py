@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import struct
 import subprocess
@@ -13,10 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from datahall.ebpf import isa
+from datahall.ebpf.fixtures import llvm_objdump, normalise, objdump_path
 from datahall.ebpf.isa import DecodeError, Instruction, decode, disassemble, encode, insn, lddw
 
 CLANG = shutil.which("clang-14") or shutil.which("clang")
-OBJDUMP = shutil.which("llvm-objdump-14") or shutil.which("llvm-objdump")
+OBJDUMP = objdump_path()
 needs_llvm = pytest.mark.skipif(
     not (CLANG and OBJDUMP), reason="clang / llvm-objdump not installed"
 )
@@ -111,30 +111,6 @@ def exec_sections(path: Path) -> dict[str, bytes]:
         }
 
 
-_LINE = re.compile(r"^\s*(\d+):\s+(.*?)\s*$")
-_SECTION = re.compile(r"^Disassembly of section (.*):$")
-
-
-def objdump(path: Path) -> dict[str, dict[int, str]]:
-    """llvm-objdump's text per section and slot, labels stripped and whitespace normalised."""
-    out = subprocess.run(
-        [OBJDUMP, "-d", "--no-show-raw-insn", str(path)], check=True, capture_output=True, text=True
-    ).stdout
-    sections: dict[str, dict[int, str]] = {}
-    cur: dict[int, str] | None = None
-    for line in out.splitlines():
-        if m := _SECTION.match(line):
-            cur = sections.setdefault(m.group(1), {})
-        elif cur is not None and (m := _LINE.match(line)):
-            text = re.sub(r"\s+<[^<>]*>$", "", m.group(2))
-            cur[int(m.group(1))] = " ".join(text.replace(",", ", ").split()).replace(" ,", ",")
-    return sections
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.replace(",", ", ").split()).replace(" ,", ",")
-
-
 def llvm14_prints(ins: Instruction) -> bool:
     """Whether llvm-objdump 14 prints this instruction faithfully (it predates ISA v4)."""
     op, cls = ins.op, ins.cls
@@ -154,7 +130,7 @@ def llvm14_prints(ins: Instruction) -> bool:
 
 def compare_with_objdump(path: Path, *, only_known: bool = False) -> int:
     """Decode each executable section, round-trip it, and compare every line with llvm-objdump."""
-    dumped = objdump(path)
+    dumped = llvm_objdump(path)
     matched = 0
     for name, data in exec_sections(path).items():
         insns = decode(data)
@@ -164,7 +140,7 @@ def compare_with_objdump(path: Path, *, only_known: bool = False) -> int:
             if only_known and not llvm14_prints(ins):
                 assert ref[pc] == "<unknown>" or ins.cls in (isa.ALU, isa.ALU64, isa.STX), ref[pc]
                 continue
-            assert _norm(disassemble(ins)) == ref[pc], f"{path.name}:{name} slot {pc}: {ins}"
+            assert normalise(disassemble(ins)) == ref[pc], f"{path.name}:{name} slot {pc}: {ins}"
             matched += 1
     return matched
 

@@ -130,7 +130,9 @@ def _print_report(report: Report, replays: dict[int, Any]) -> None:
                     console.print(f"  with: {text}", highlight=False)
                 for m, entries in cex.maps.items():
                     for k, val in entries.items():
-                        console.print(f"  map {m}[{k.hex()}] = {val.hex()}", highlight=False)
+                        console.print(
+                            escape(f"  map {m}[{k.hex()}] = {val.hex()}"), highlight=False
+                        )
             if id(v) in replays:
                 r = replays[id(v)]
                 console.print(f"  kernel replay: {r.status}: {r.reason}", highlight=False)

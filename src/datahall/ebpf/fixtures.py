@@ -22,12 +22,22 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["FIXTURES", "PROGRAMS_DIR", "BuildError", "build", "clang_path", "libxdp_objects"]
+__all__ = [
+    "FIXTURES",
+    "PROGRAMS_DIR",
+    "BuildError",
+    "build",
+    "clang_path",
+    "libxdp_objects",
+    "llvm_objdump",
+    "objdump_path",
+]
 
 PROGRAMS_DIR = Path(__file__).with_name("programs")
 
@@ -152,3 +162,36 @@ def libxdp_objects() -> list[Path]:
         if folder.is_dir():
             found += sorted(folder.glob("*.o"))
     return found
+
+
+def objdump_path() -> str | None:
+    """``llvm-objdump`` (preferring version 14, which the tests pin), or None if absent."""
+    return shutil.which("llvm-objdump-14") or shutil.which("llvm-objdump")
+
+
+_LINE = re.compile(r"^\s*(\d+):\s+(.*?)\s*$")
+_SECTION = re.compile(r"^Disassembly of section (.*):$")
+
+
+def normalise(text: str) -> str:
+    """An instruction's text with spacing normalised, as :func:`llvm_objdump` gives it."""
+    return " ".join(text.replace(",", ", ").split()).replace(" ,", ",")
+
+
+def llvm_objdump(path: Path) -> dict[str, dict[int, str]]:
+    """llvm-objdump's text of `path` per section and slot, jump labels stripped and spacing
+    normalised: the reference our disassembler is checked against."""
+    tool = objdump_path()
+    if tool is None:
+        raise BuildError("llvm-objdump is not installed (apt-get install llvm)")
+    out = subprocess.run(
+        [tool, "-d", "--no-show-raw-insn", str(path)], check=True, capture_output=True, text=True
+    ).stdout
+    sections: dict[str, dict[int, str]] = {}
+    cur: dict[int, str] | None = None
+    for line in out.splitlines():
+        if m := _SECTION.match(line):
+            cur = sections.setdefault(m.group(1), {})
+        elif cur is not None and (m := _LINE.match(line)):
+            cur[int(m.group(1))] = normalise(re.sub(r"\s+<[^<>]*>$", "", m.group(2)))
+    return sections
