@@ -348,3 +348,31 @@ def test_programs_touching_nothing_in_common_are_independent():
     ])  # fmt: skip
     assert [c.kind for c in interfere(writer, reads).conflicts] == ["packet"]
     assert interfere(reads, writer).verdict == "INDEPENDENT"
+
+
+def test_an_imported_artifact_policy_decides_as_its_export(loaded):
+    """Brief §2.5: import a KrakenGuard policy, export ours, and the decisions agree."""
+    artifact = {
+        "packet_constraints": [
+            {"sPort": "*", "dPort": "*", "sIP": "*", "dIP": "*", "read-access": "0-37",
+             "write-access": "22-22"},
+        ],
+        "restricted_helpers": ["bpf_probe_write_user", "bpf_trace_printk"],
+        "map_access": [{"name": "shared_stats", "access": "Read"},
+                       {"name": "deny_list", "access": "ReadWrite"},
+                       {"name": "verdict_count", "access": "ReadWrite"}],
+    }  # fmt: skip
+    imported = load_policy(json.dumps(artifact), source="kg.json")
+    exported = load_policy(imported.to_yaml(), source="ours.yaml")
+    verdicts = {}
+    for name in ("firewall", "interfere_a", "interfere_b", "rewriter", "malicious"):
+        a, b = check(loaded[name], imported), check(loaded[name], exported)
+        assert [v.message for v in a.violations] == [v.message for v in b.violations], name
+        verdicts[name] = a.verdict
+    assert verdicts == {
+        "firewall": "COMPLIANT",
+        "interfere_a": "VIOLATION",  # writes byte 15 and counts into a read-only map
+        "interfere_b": "VIOLATION",  # counts into the read-only map
+        "rewriter": "VIOLATION",  # writes MACs and the checksum
+        "malicious": "VIOLATION",
+    }

@@ -88,3 +88,17 @@ def test_bad_input_is_one_line_and_exit_2(cli, fixture_objects, tmp_path, args, 
     code, out, err = cli("ebpf", *[a.format(**paths) for a in args])
     assert code == 2 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unknown_instruction_is_bad_input(cli, fixture_objects, tmp_path):
+    from elftools.elf.elffile import ELFFile
+
+    data = bytearray(fixture_objects["rewriter"].read_bytes())
+    with open(fixture_objects["rewriter"], "rb") as f:
+        offset = ELFFile(f).get_section_by_name("xdp")["sh_offset"]
+    data[offset + 8] = 0xFF  # the second instruction's opcode: no such opcode
+    broken = tmp_path / "broken.o"
+    broken.write_bytes(bytes(data))
+    code, out, err = cli("ebpf", "check", str(broken))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "0xff" in err.lower()

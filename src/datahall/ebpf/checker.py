@@ -42,7 +42,8 @@ from typing import Any
 
 import z3
 
-from datahall.ebpf.engine import Exploration, PacketAccess, PathResult, explore
+from datahall.ebpf.engine import Exploration, PacketAccess, PathResult, explore, link
+from datahall.ebpf.isa import DecodeError
 from datahall.ebpf.loader import BpfObject, load
 from datahall.ebpf.policy import RETURN_CODES, PacketWhen, Policy
 
@@ -722,10 +723,13 @@ def check(
             "loop_bound": loop_bound,
         },
     )
-    programs = [
-        _check_program(obj, s, policy, budgets) for s in entry_sections(obj, policy, section)
-    ]
-    return Report(str(obj.path), programs)
+    sections = entry_sections(obj, policy, section)
+    for sec in sections:  # an undecodable instruction or a missing callee is bad input
+        try:
+            link(obj, sec)
+        except (DecodeError, KeyError) as e:
+            raise CheckError(f"{obj.path}: section {sec}: {str(e).strip(chr(39))}") from None
+    return Report(str(obj.path), [_check_program(obj, s, policy, budgets) for s in sections])
 
 
 def _check_program(
