@@ -403,20 +403,16 @@ class _Checker:
             text = f"{Path(rec.file).name}:{rec.line}: {rec.text.strip()}"
         return sec, off // 8, text
 
-    def counterexample(self, path: PathResult, *extra: Any) -> Counterexample | None:
-        return _counterexample(path, *extra, maps=self.value_sizes)
-
     def report(
         self, key: tuple, rule: str, msg: str, i: int, path: PathResult, slot: int | None,
-        *extra: Any, expect: dict[str, Any] | None = None,
+        *extra: Any, expect: dict[str, Any] | None = None, prefer: Any = None,
     ) -> None:  # fmt: skip
         if key in self.found:
             self.found[key].paths += 1
             return
         sec, insn, text = self.source(slot) if slot is not None else (self.section, None, None)
-        cex = self.counterexample(path, *extra) if extra or path.path_condition else None
-        if extra and cex is None:
-            return  # the solver found no witness: not a violation we can show
+        # The violation stands even when the solver gives no model in time (then no witness).
+        cex = _counterexample(path, *extra, prefer=prefer, maps=self.value_sizes)
         self.found[key] = Violation(
             rule, msg, sec, insn, text, i, list(path.trace), cex, expect or {}
         )
@@ -537,7 +533,7 @@ class _Checker:
         self.report(("packet", a.kind, a.pc), "packet",
                     f"{self.what(a)} is outside the {a.kind} windows that apply on this path"
                     f" ({allowed})",
-                    i, path, a.pc, z3.Not(inside),
+                    i, path, a.pc, z3.Not(inside), prefer=a.changes,
                     expect={f"packet_{a.kind}": [a.range[0], a.range[1] - 1] if a.range else None})  # fmt: skip
 
     def what(self, a: PacketAccess) -> str:
@@ -594,10 +590,11 @@ class _Checker:
 
 
 def _counterexample(
-    path: PathResult, *extra: Any, maps: dict[str, int] | None = None
+    path: PathResult, *extra: Any, prefer: Any = None, maps: dict[str, int] | None = None
 ) -> Counterexample | None:
-    """A model of the path (and `extra`), preferring a well-formed IPv4 header (version 4,
-    IHL 5) where the path allows one, so that the packet reads as what a sender would send."""
+    """A model of the path (and `extra`), preferring `prefer` (e.g. that a write changes a
+    byte, so a test run shows it) and a well-formed IPv4 header (version 4, IHL 5) where the
+    path allows them, so that the packet reads as what a sender would send."""
     sym = path._symbols
     pkt = sym.packet
     v4 = z3.And(
@@ -606,7 +603,8 @@ def _counterexample(
         z3.Select(pkt, z3.BitVecVal(13, 64)) == 0x00,
     )
     tidy = z3.Implies(v4, z3.Select(pkt, z3.BitVecVal(14, 64)) == 0x45)
-    for conds in ((*extra, tidy), extra):
+    wishes = [[prefer, tidy], [prefer], [tidy], []] if prefer is not None else [[tidy], []]
+    for conds in ([*extra, *w] for w in wishes):
         try:
             m = path.model(*conds, maps=maps)
         except (ValueError, z3.Z3Exception):

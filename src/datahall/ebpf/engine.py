@@ -139,7 +139,9 @@ class MapAccess:
 
 @dataclass(frozen=True)
 class PacketAccess:
-    """A packet load/store of bytes ``[start, end)``; ``range`` when both are constants."""
+    """A packet load/store of bytes ``[start, end)``; ``range`` when both are constants. For a
+    store, ``changes`` is the z3 condition that it changes at least one byte (what a test run
+    can observe)."""
 
     kind: str
     start: Any
@@ -147,6 +149,7 @@ class PacketAccess:
     range: tuple[int, int] | None
     bounded: bool
     pc: int
+    changes: Any = None
 
 
 @dataclass(frozen=True)
@@ -426,6 +429,7 @@ _PROBE_READ = {"probe_read", "probe_read_str", "probe_read_user", "probe_read_ke
                "probe_read_user_str", "probe_read_kernel_str", "get_current_comm",
                "skb_load_bytes", "xdp_load_bytes"}  # fmt: skip
 _BTF_TYPES = {"tracing", "lsm", "struct_ops"}
+_ARRAY_MAPS = {2, 6}  # BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY
 _ADJUST = {"xdp_adjust_head", "xdp_adjust_tail", "xdp_adjust_meta", "skb_pull_data",
            "skb_change_tail", "skb_change_head", "skb_adjust_room"}  # fmt: skip
 _SPECIAL = {"map_lookup_elem", "map_lookup_percpu_elem", "ringbuf_reserve", "map_update_elem",
@@ -794,13 +798,16 @@ class _Explorer:
 
     # -- memory ------------------------------------------------------------------------------
 
-    def pkt_access(self, st, kind, off, n, pc, bounded=None) -> PacketAccess:
+    def pkt_access(self, st, kind, off, n, pc, bounded=None, new=None) -> PacketAccess:
         start, stop = z3.simplify(off), z3.simplify(off + n)
         if bounded is None:
             bounded = self._valid(z3.And(z3.ULE(stop, st.pkt_len), z3.ULE(start, stop)))
         lo = self._const(start)
         rng = (lo, lo + n) if lo is not None else None
-        return PacketAccess(kind, start, stop, rng, bounded, pc)
+        changes = None
+        if new is not None:  # the bytes written, against those there before
+            changes = z3.Or(*[b != z3.Select(st.packet, off + i) for i, b in enumerate(new)])
+        return PacketAccess(kind, start, stop, rng, bounded, pc, changes)
 
     def _offset(self, p: Ptr, n: int, size: int | None, pc: int) -> int:
         off = self._const(p.off)
@@ -923,11 +930,12 @@ class _Explorer:
             st.ctx.append(CtxAccess("write", off, n, self.ctx_field(off, n, pc)[0], pc))
             return
         if p.region == "packet":
-            st.pkt.append(self.pkt_access(st, "write", p.off, n, pc))
+            new = [z3.simplify(b) for b in split(S, value, n)]
+            st.pkt.append(self.pkt_access(st, "write", p.off, n, pc, new=new))
             st.flows.append(("packet", value, pc))
             arr = st.packet
-            for i, b in enumerate(split(S, value, n)):
-                arr = z3.Store(arr, p.off + i, z3.simplify(b))
+            for i, b in enumerate(new):
+                arr = z3.Store(arr, p.off + i, b)
             st.packet = arr
             return
         if kind == "mapref":
@@ -960,7 +968,7 @@ class _Explorer:
         if isinstance(off, Ptr):
             raise _Incomplete(f"pc {pc}: packet offset is a pointer")
         off = S.zext(off, 32)
-        st.pkt.append(self.pkt_access(st, "write", off, len(bs), pc, True))
+        st.pkt.append(self.pkt_access(st, "write", off, len(bs), pc, True, bs))
         arr = st.packet
         for i, b in enumerate(bs):
             arr = z3.Store(arr, off + i, b)
@@ -1010,6 +1018,23 @@ class _Explorer:
             m = self.map_arg(args[0], pc)
             st.maps.append(MapAccess(m, "read", pc, step))
             key = key_of(m)
+            spec = self.obj.maps.get(m)
+            if spec is not None and spec.type in _ARRAY_MAPS and len(key) == 4:
+                # An array always holds max_entries values: NULL exactly out of range.
+                index = z3.Concat(*reversed(key))
+                kids = []
+                for k, found in self.branch(st, z3.ULT(index, spec.max_entries)):
+                    if found:
+                        region = self.new_region("mapval", f"{m}@{pc}")
+                        k.regs[0] = Ptr(region, S.const(0))
+                        k.helpers.append(HelperCall(hid, name, pc, "value", step=step, key=key,
+                                                    region=region))  # fmt: skip
+                    else:
+                        k.regs[0] = S.const(0)
+                        k.helpers.append(HelperCall(hid, name, pc, "NULL", step=step, key=key))
+                    clobber(k)
+                    kids.append(k)
+                return kids
             null, val = st.fork(), st
             null.regs[0] = S.const(0)
             null.helpers.append(HelperCall(hid, name, pc, "NULL", step=step, key=key))
