@@ -75,6 +75,7 @@ _MAP_KIND = {
     "delete": "delete",
 }
 _UNNAMED = 0x7EADBEEF  # a return value no policy names
+_MODEL_TIMEOUT_MS = 5000  # per attempt at a counterexample
 _PREEMPTING = {
     "xdp": {0: "XDP_ABORTED", 1: "XDP_DROP", 3: "XDP_TX", 4: "XDP_REDIRECT"},
     "sched_cls": {2: "TC_ACT_SHOT", 4: "TC_ACT_STOLEN", 7: "TC_ACT_REDIRECT", 8: "TC_ACT_TRAP"},
@@ -386,8 +387,10 @@ class _Checker:
         self.ptype = obj.programs[section].type
         self.found: dict[tuple, Violation] = {}
         self.labels = _Labels()
-        self.solver = z3.Solver()
-        self.solver.set("timeout", 10_000)
+        self.solver: z3.Solver | None = None
+        self.current: int | None = None
+        self.undecided: list[str] = []  # questions z3 gave up on: UNKNOWN
+        self.base: dict[int, Any] = {}  # path -> a model of it, for counterexamples
         self.value_sizes = {m.name: m.value_size for m in obj.maps.values()}
         self.applies: dict[tuple[int, int], bool] = {}  # (path, packet entry) -> when proved
 
@@ -412,30 +415,71 @@ class _Checker:
             return
         sec, insn, text = self.source(slot) if slot is not None else (self.section, None, None)
         # The violation stands even when the solver gives no model in time (then no witness).
-        cex = _counterexample(path, *extra, prefer=prefer, maps=self.value_sizes)
+        cex = self.counterexample(i, path, extra, prefer)
         self.found[key] = Violation(
             rule, msg, sec, insn, text, i, list(path.trace), cex, expect or {}
         )
 
-    # solver
+    # solver: one incremental solver per path, holding its condition, so that the questions
+    # asked about one path (windows, returns, counterexamples) reuse what z3 learnt
 
-    def provable(self, path: PathResult, cond: Any) -> bool:
-        s = self.solver
-        s.push()
-        s.add(*path.path_condition)
-        s.add(z3.Not(cond))
-        r = s.check()
-        s.pop()
-        return r == z3.unsat
+    def on(self, i: int, path: PathResult) -> z3.Solver:
+        if self.current != i:
+            self.solver = z3.Solver()
+            self.solver.set("timeout", _MODEL_TIMEOUT_MS)
+            self.solver.add(*path.path_condition)
+            self.current = i
+        return self.solver
 
-    def possible(self, path: PathResult, cond: Any) -> bool:
-        s = self.solver
+    def ask(self, i: int, path: PathResult, *conds: Any) -> Any:
+        """A model of the path and `conds`, None if unsat, or "unknown" if z3 gives up."""
+        s = self.on(i, path)
         s.push()
-        s.add(*path.path_condition)
-        s.add(cond)
+        s.add(*conds)
         r = s.check()
+        m = s.model() if r == z3.sat else (None if r == z3.unsat else "unknown")
         s.pop()
-        return r == z3.sat
+        return m
+
+    def provable(self, i: int, path: PathResult, cond: Any) -> bool:
+        return self.ask(i, path, z3.Not(cond)) is None
+
+    def possible(self, i: int, path: PathResult, cond: Any) -> bool:
+        return self.ask(i, path, cond) is not None  # unknown counts as possible: fail closed
+
+    def counterexample(self, i: int, path: PathResult, extra: tuple, prefer: Any):
+        """A model of the path and `extra`, preferring `prefer` (e.g. that a write changes a
+        byte, so a test run shows it) and a well-formed IPv4 header (version 4, IHL 5) where
+        the path allows them, so that the packet reads as what a sender would send."""
+        sym = path._symbols
+        pkt = sym.packet
+        at = lambda k: z3.Select(pkt, z3.BitVecVal(k, 64))  # noqa: E731
+        v4 = z3.And(z3.UGE(sym.pkt_len, 34), at(12) == 0x08, at(13) == 0x00)
+        tidy = z3.Implies(v4, at(14) == 0x45)
+        real = [h.wish for h in path.helpers if h.wish is not None]  # e.g. array indices in range
+        if i not in self.base:
+            # One model for the whole path, where every write changes its bytes: most of the
+            # path's violations can show on it, and solving is paid once per path.
+            writes = [a.changes for a in path.packet_accesses if a.changes is not None]
+            self.base[i] = next(
+                (m for w in ([tidy, *real, *writes], [tidy, *real], [*real], [tidy])
+                 if (m := self.ask(i, path, *w)) not in (None, "unknown")),
+                None,
+            )  # fmt: skip
+        m = self.base[i]
+        wanted = [*extra] + ([prefer] if prefer is not None else [])
+        if m is None or not all(z3.is_true(m.eval(c, model_completion=True)) for c in wanted):
+            m = None
+            for wish in ([prefer, tidy, *real], [prefer, tidy], [prefer], [tidy], []):
+                m = self.ask(i, path, *extra, *[w for w in wish if w is not None])
+                if m not in (None, "unknown"):
+                    break
+            else:
+                return None
+        got = path.inputs(m, self.value_sizes)
+        return Counterexample(
+            got["packet"], got["ctx"], got["helpers"], got["globals"], got["maps"]
+        )
 
     # rules
 
@@ -516,24 +560,27 @@ class _Checker:
             if when is not None:
                 if (i, k) not in self.applies:
                     cond = when_condition(when, path._symbols.packet, path._symbols.pkt_len)
-                    self.applies[(i, k)] = self.provable(path, cond)
+                    self.applies[(i, k)] = self.provable(i, path, cond)
                 if not self.applies[(i, k)]:
                     continue
             windows += ws
-        if a.range is not None:
+        extra: tuple = ()
+        if a.range is not None:  # on a feasible path: inside a window or not, no solver needed
             lo, hi = a.range[0], a.range[1] - 1
             if any(w0 <= lo and hi <= w1 for w0, w1 in windows):
                 return
-        inside = z3.Or(
-            *[z3.And(z3.UGE(a.start, w0), z3.ULE(a.end, w1 + 1)) for w0, w1 in windows]
-        ) if windows else z3.BoolVal(False)  # fmt: skip
-        if not self.possible(path, z3.Not(inside)):
-            return
+        else:
+            inside = z3.Or(
+                *[z3.And(z3.UGE(a.start, w0), z3.ULE(a.end, w1 + 1)) for w0, w1 in windows]
+            ) if windows else z3.BoolVal(False)  # fmt: skip
+            if not self.possible(i, path, z3.Not(inside)):
+                return
+            extra = (z3.Not(inside),)
         allowed = ", ".join(f"{w0}..{w1}" for w0, w1 in windows) or "none here"
         self.report(("packet", a.kind, a.pc), "packet",
                     f"{self.what(a)} is outside the {a.kind} windows that apply on this path"
                     f" ({allowed})",
-                    i, path, a.pc, z3.Not(inside), prefer=a.changes,
+                    i, path, a.pc, *extra, prefer=a.changes,
                     expect={f"packet_{a.kind}": [a.range[0], a.range[1] - 1] if a.range else None})  # fmt: skip
 
     def what(self, a: PacketAccess) -> str:
@@ -572,12 +619,11 @@ class _Checker:
             bad = z3.Or(*[low == (v & 0xFFFFFFFF) for v in sorted(named) if not ok(v)])
         else:
             bad = z3.And(*[low != (v & 0xFFFFFFFF) for v in sorted(named) if ok(v)])
-        s = self.solver
-        s.push()
-        s.add(*path.path_condition, bad)
-        found = s.check() == z3.sat
-        v = verdict_value(s.model().eval(low, model_completion=True).as_long()) if found else None
-        s.pop()
+        m = self.ask(i, path, bad)
+        if m == "unknown":  # z3 gave up: fail closed
+            self.undecided.append(f"z3 could not decide the return values of path {i}")
+            return
+        v = verdict_value(m.eval(low, model_completion=True).as_long()) if m else None
         if v is not None:
             self.report(("return", "symbolic", path.trace[-1]), "returns",
                         f"can return {name(v)}, which returns does not allow",
@@ -589,24 +635,14 @@ class _Checker:
         return fam is None or code_name.startswith(fam)
 
 
-def _counterexample(
-    path: PathResult, *extra: Any, prefer: Any = None, maps: dict[str, int] | None = None
-) -> Counterexample | None:
-    """A model of the path (and `extra`), preferring `prefer` (e.g. that a write changes a
-    byte, so a test run shows it) and a well-formed IPv4 header (version 4, IHL 5) where the
-    path allows them, so that the packet reads as what a sender would send."""
+def _counterexample(path: PathResult) -> Counterexample | None:
+    """A model of the path, with an IPv4 header of version 4 and IHL 5 where it allows one."""
     sym = path._symbols
-    pkt = sym.packet
-    v4 = z3.And(
-        z3.UGE(sym.pkt_len, 34),
-        z3.Select(pkt, z3.BitVecVal(12, 64)) == 0x08,
-        z3.Select(pkt, z3.BitVecVal(13, 64)) == 0x00,
-    )
-    tidy = z3.Implies(v4, z3.Select(pkt, z3.BitVecVal(14, 64)) == 0x45)
-    wishes = [[prefer, tidy], [prefer], [tidy], []] if prefer is not None else [[tidy], []]
-    for conds in ([*extra, *w] for w in wishes):
+    at = lambda k: z3.Select(sym.packet, z3.BitVecVal(k, 64))  # noqa: E731
+    v4 = z3.And(z3.UGE(sym.pkt_len, 34), at(12) == 0x08, at(13) == 0x00)
+    for wish in ([z3.Implies(v4, at(14) == 0x45)], []):
         try:
-            m = path.model(*conds, maps=maps)
+            m = path.model(*wish, timeout_ms=_MODEL_TIMEOUT_MS)
         except (ValueError, z3.Z3Exception):
             continue
         return Counterexample(m["packet"], m["ctx"], m["helpers"], m["globals"], m["maps"])
@@ -752,6 +788,7 @@ def _check_program(
         ck.check_path(i, path)
     if not ex.complete:
         unknown += list(dict.fromkeys([ex.reason] + [p.reason for p in ex.paths if p.reason]))
+    unknown += ck.undecided
     violations = list(ck.found.values())
     verdict = "VIOLATION" if violations else ("UNKNOWN" if unknown else "COMPLIANT")
     maps: dict[str, set[str]] = {}

@@ -123,6 +123,7 @@ class HelperCall:
     step: int = 0
     key: tuple = ()
     region: str | None = None
+    wish: Any = None  # a condition that makes the result real, left out of the path (see _hard)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,9 @@ class PathResult:
     def complete(self) -> bool:
         return self.status == "exit"
 
-    def model(self, *extra: Any, maps: dict[str, int] | None = None) -> dict[str, Any]:
+    def model(
+        self, *extra: Any, maps: dict[str, int] | None = None, timeout_ms: int | None = None
+    ) -> dict[str, Any]:
         """Concrete inputs for this path (and the ``extra`` z3 conditions): ``packet`` (bytes),
         ``ctx``, ``helpers``, ``globals`` and ``maps``.
 
@@ -207,13 +210,19 @@ class PathResult:
         lookup gives ``"NULL"`` or ``"value"``). ``maps`` holds, per map, the entries
         (key bytes -> value bytes) that the path's successful lookups found; give the maps'
         value sizes in `maps` to get whole values (else only the bytes the path read).
-        Raises ValueError if the condition is unsat.
+        Raises ValueError if the condition is unsat (or no model is found in `timeout_ms`).
         """
         s = z3.Solver()
+        if timeout_ms is not None:
+            s.set("timeout", timeout_ms)
         s.add(*self.path_condition, *extra)
         if s.check() != z3.sat:
             raise ValueError("the path condition has no model")
-        m = s.model()
+        return self.inputs(s.model(), maps)
+
+    def inputs(self, m: Any, maps: dict[str, int] | None = None) -> dict[str, Any]:
+        """The concrete inputs that z3 model `m` (of this path's condition) gives; see
+        :meth:`model`."""
         sym = self._symbols
         n = m.eval(sym.pkt_len, model_completion=True).as_long()
         pkt = bytes(
@@ -380,6 +389,32 @@ class _State:
             list(self.pkt), list(self.ctx), list(self.sinks), self.verdict, list(self.reads),
             list(self.flows), self.steps, self.model,
         )  # fmt: skip
+
+
+_HARD_OPS = {z3.Z3_OP_BUDIV, z3.Z3_OP_BUREM, z3.Z3_OP_BSDIV, z3.Z3_OP_BSREM, z3.Z3_OP_BSMOD,
+             z3.Z3_OP_BUDIV_I, z3.Z3_OP_BUREM_I, z3.Z3_OP_BSDIV_I, z3.Z3_OP_BSREM_I,
+             z3.Z3_OP_BSMOD_I}  # fmt: skip
+
+
+def _hard(e: Any) -> bool:
+    """Whether `e` divides by, or multiplies, values that are not constants (a hash bucket
+    such as ``h % count``): constraints on such terms make z3 slow (brief §7), so an array
+    lookup by such an index forks without its range condition."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x.get_id() in seen:
+            continue
+        seen.add(x.get_id())
+        if z3.is_app(x):
+            kind = x.decl().kind()
+            args = x.children()
+            if kind in _HARD_OPS and not z3.is_bv_value(args[1]):
+                return True
+            if kind == z3.Z3_OP_BMUL and sum(not z3.is_bv_value(a) for a in args) > 1:
+                return True
+            todo.extend(args)
+    return False
 
 
 _FRESH = {
@@ -1019,9 +1054,14 @@ class _Explorer:
             st.maps.append(MapAccess(m, "read", pc, step))
             key = key_of(m)
             spec = self.obj.maps.get(m)
-            if spec is not None and spec.type in _ARRAY_MAPS and len(key) == 4:
+            index = z3.simplify(z3.Concat(*reversed(key))) if len(key) == 4 else None
+            if (
+                spec is not None
+                and spec.type in _ARRAY_MAPS
+                and index is not None
+                and not _hard(index)
+            ):
                 # An array always holds max_entries values: NULL exactly out of range.
-                index = z3.Concat(*reversed(key))
                 kids = []
                 for k, found in self.branch(st, z3.ULT(index, spec.max_entries)):
                     if found:
@@ -1040,8 +1080,11 @@ class _Explorer:
             null.helpers.append(HelperCall(hid, name, pc, "NULL", step=step, key=key))
             region = self.new_region("mapval", f"{m}@{pc}")
             val.regs[0] = Ptr(region, S.const(0))
+            in_range = None  # an array indexed by a hash: the range is a wish, not a condition
+            if spec is not None and spec.type in _ARRAY_MAPS and index is not None:
+                in_range = z3.ULT(index, spec.max_entries)
             val.helpers.append(HelperCall(hid, name, pc, "value", step=step, key=key,
-                                          region=region))  # fmt: skip
+                                          region=region, wish=in_range))  # fmt: skip
             clobber(null)
             clobber(val)
             return [val, null]
