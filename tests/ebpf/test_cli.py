@@ -72,6 +72,7 @@ def test_policy_command_converts_an_artifact_policy(cli, tmp_path):
         (["check", "{obj}", "--section", "tc"], "no program section 'tc'"),
         (["check", "{obj}", "--budget", "soon"], "bad --budget 'soon'"),
         (["disasm", "{garbage}"], "not an ELF file"),
+        (["serve", "--socket", "{text}", "--policy", "tenant-xdp"], "exists and is not a socket"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(cli, fixture_objects, tmp_path, args, message):

@@ -238,3 +238,44 @@ def policy_cmd(
     else:
         console.print(pol.to_yaml(), end="", highlight=False)
         err_console.print(f"{spec}: valid")
+
+
+@app.command("serve")
+def serve_cmd(
+    socket_path: Annotated[Path, typer.Option("--socket", help="Unix socket to listen on")],
+    policy: Annotated[
+        str, typer.Option("--policy", "-p", help="the operator's policy (file or shipped name)")
+    ],
+    audit_log: Annotated[
+        Path, typer.Option("--audit-log", help="JSON Lines audit file, one line per request")
+    ] = Path("kguard-audit.jsonl"),
+    allow_load: Annotated[
+        bool, typer.Option("--allow-load", help="load COMPLIANT objects on request (needs bpf())")
+    ] = False,
+    pin_dir: Annotated[
+        Path | None, typer.Option("--pin-dir", help="pin loaded programs under this bpffs folder")
+    ] = None,
+    budget: BudgetOpt = "60s",
+    client_policies: Annotated[
+        bool, typer.Option("--client-policies", help="let clients send their own policy")
+    ] = False,
+) -> None:
+    """Run the admission broker: verify (and load) objects sent over a Unix socket."""
+    from .broker import Broker
+
+    broker = Broker(
+        socket_path,
+        resolve_policy(policy),
+        audit_log,
+        allow_load=allow_load,
+        pin_dir=pin_dir,
+        time_budget_s=parse_budget(budget),
+        client_policies=client_policies,
+    )
+    broker.start()
+    loads = "loads COMPLIANT objects" if allow_load else "verification only"
+    err_console.print(f"kguard broker on {socket_path} ({loads}); audit log {audit_log}")
+    try:
+        broker.serve_forever()
+    except KeyboardInterrupt:
+        broker.stop()
