@@ -376,3 +376,10 @@ def test_an_imported_artifact_policy_decides_as_its_export(loaded):
         "rewriter": "VIOLATION",  # writes MACs and the checksum
         "malicious": "VIOLATION",
     }
+
+
+def test_interference_needs_programs_of_one_hook(loaded):
+    with pytest.raises(CheckError, match="programs chained on one hook have the same type"):
+        interfere(loaded["interfere_a"], loaded["flow_counter"])
+    with pytest.raises(CheckError, match="has 2 programs"):
+        interfere(loaded["malicious"], loaded["interfere_a"])

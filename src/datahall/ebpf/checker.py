@@ -940,6 +940,12 @@ def interfere(
                 f"{obj.path} has {len(secs)} programs ({', '.join(secs)}); name one with a section"
             )
         sections.append(secs[0])
+    types = [o.programs[sec].type for o, sec in zip(objs, sections, strict=True)]
+    if types[0] != types[1]:
+        raise CheckError(
+            f"{objs[0].path.name} is a {types[0]} program and {objs[1].path.name} a {types[1]} "
+            "one: programs chained on one hook have the same type"
+        )
     budgets = {
         k: v for k, v in {"time_budget_s": time_budget_s, "max_paths": max_paths}.items() if v
     }
