@@ -339,7 +339,15 @@ def test_tenant_b_first_only_shares_the_map(loaded):
 
 def test_programs_touching_nothing_in_common_are_independent():
     pass_only = program_object([insn(0xB7, dst=0, imm=2), insn(0x95)])
-    reads = program_object(RETURN_FIRST_BYTE)
+    reads = program_object(DATA + [
+        insn(0xBF, dst=4, src=2), insn(0x07, dst=4, imm=1), insn(0x2D, dst=4, src=3, off=1),
+        insn(0x71, dst=5, src=2, off=0), insn(0xB7, dst=0, imm=2), insn(0x95),
+    ])  # fmt: skip  # reads byte 0, passes
+    returns_byte = program_object(RETURN_FIRST_BYTE)  # the byte may be XDP_DROP
+    verdicts = [c.message for c in interfere(returns_byte, pass_only).conflicts]
+    assert [m.split("can return ")[1].split(",")[0] for m in verdicts] == [
+        "XDP_ABORTED", "XDP_DROP", "XDP_TX", "XDP_REDIRECT"
+    ]  # fmt: skip
     assert interfere(pass_only, reads).verdict == "INDEPENDENT"
     assert interfere(reads, pass_only).verdict == "INDEPENDENT"
     writer = program_object(DATA + [

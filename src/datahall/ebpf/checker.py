@@ -76,6 +76,8 @@ _MAP_KIND = {
 }
 _UNNAMED = 0x7EADBEEF  # a return value no policy names
 _MODEL_TIMEOUT_MS = 5000  # per attempt at a counterexample
+_LAYOUT_HELPERS = {"xdp_adjust_head", "xdp_adjust_meta", "xdp_adjust_tail", "skb_pull_data",
+                   "skb_change_head", "skb_change_tail", "skb_adjust_room"}  # fmt: skip
 _PREEMPTING = {
     "xdp": {0: "XDP_ABORTED", 1: "XDP_DROP", 3: "XDP_TX", 4: "XDP_REDIRECT"},
     "sched_cls": {2: "TC_ACT_SHOT", 4: "TC_ACT_STOLEN", 7: "TC_ACT_REDIRECT", 8: "TC_ACT_TRAP"},
@@ -515,6 +517,7 @@ class _Checker:
                                     i, path, pc)  # fmt: skip
         if path.complete:
             self.check_return(i, path, called, written)
+            self.check_return_rules(i, path)
 
     def check_helper(self, i, path, h, called, written) -> None:
         p = self.policy
@@ -564,6 +567,7 @@ class _Checker:
                 if not self.applies[(i, k)]:
                     continue
             windows += ws
+        windows = _merged(windows)
         extra: tuple = ()
         if a.range is not None:  # on a feasible path: inside a window or not, no solver needed
             lo, hi = a.range[0], a.range[1] - 1
@@ -612,7 +616,8 @@ class _Checker:
         # A symbolic return value: every value the policy does not name is treated alike, so
         # checking the named ones and one unnamed stand-in decides the question exactly.
         named = {verdict_value(c) for c in RETURN_CODES.values()}
-        for codes in [p.returns or []] + [r.then.returns or [] for r in p.rules]:
+        lists = [p.returns or []] + [r.then.returns or [] for r in p.rules]
+        for codes in lists + [r.if_.returns or [] for r in p.rules]:
             named |= {verdict_value(c) for c in codes if isinstance(c, int)}
         low = z3.Extract(31, 0, path.ret)
         if ok(_UNNAMED):
@@ -630,19 +635,47 @@ class _Checker:
                         i, path, path.trace[-1], low == (v & 0xFFFFFFFF),
                         expect={"return": v})  # fmt: skip
 
+    def check_return_rules(self, i: int, path: PathResult) -> None:
+        """Rules ``if: {returns: [...]}, then: {helpers: {deny: [...]}}``: a helper called on a
+        path that can end with one of those verdicts breaks the rule."""
+        for rule in self.policy.rules:
+            if rule.if_.returns is None or rule.then.helpers is None:
+                continue
+            denied = [h for h in path.helpers if h.name in rule.then.helpers.deny]
+            if not denied:
+                continue
+            codes = sorted({verdict_value(c) if isinstance(c, int) else RETURN_CODES[c]
+                            for c in rule.if_.returns})  # fmt: skip
+            low = z3.Extract(31, 0, path.ret)
+            ends = z3.Or(*[low == (c & 0xFFFFFFFF) for c in codes])
+            if path.ret_value is not None:
+                if verdict_value(path.ret_value) not in codes:
+                    continue
+                extra: tuple = ()
+            elif self.possible(i, path, ends):
+                extra = (ends,)
+            else:
+                continue
+            for h in denied:
+                self.report(("rule-return", h.name, h.pc), "rules",
+                            f"call to helper {h.name} on a path that returns one of {codes};"
+                            " a rule denies it", i, path, h.pc, *extra,
+                            expect={"helper": h.name})  # fmt: skip
+
     def _family(self, code_name: str) -> bool:
         fam = {"xdp": "XDP_", "sched_cls": "TC_ACT_", "sched_act": "TC_ACT_"}.get(self.ptype)
         return fam is None or code_name.startswith(fam)
 
 
-def _counterexample(path: PathResult) -> Counterexample | None:
-    """A model of the path, with an IPv4 header of version 4 and IHL 5 where it allows one."""
+def _counterexample(path: PathResult, *extra: Any) -> Counterexample | None:
+    """A model of the path (and `extra`), with an IPv4 header of version 4 and IHL 5 where
+    it allows one."""
     sym = path._symbols
     at = lambda k: z3.Select(sym.packet, z3.BitVecVal(k, 64))  # noqa: E731
     v4 = z3.And(z3.UGE(sym.pkt_len, 34), at(12) == 0x08, at(13) == 0x00)
     for wish in ([z3.Implies(v4, at(14) == 0x45)], []):
         try:
-            m = path.model(*wish, timeout_ms=_MODEL_TIMEOUT_MS)
+            m = path.model(*extra, *wish, timeout_ms=_MODEL_TIMEOUT_MS)
         except (ValueError, z3.Z3Exception):
             continue
         return Counterexample(m["packet"], m["ctx"], m["helpers"], m["globals"], m["maps"])
@@ -874,7 +907,7 @@ class _Effects:
     pkt: dict[str, list[tuple[int, int, int]]]  # kind -> (lo, hi inclusive, slot)
     ctx: dict[str, dict[str, int]]  # kind -> field -> slot
     maps: dict[str, dict[str, int]]  # map -> kind -> slot
-    verdicts: dict[int, tuple[int, PathResult]]  # value -> (slot, a path returning it)
+    verdicts: dict[int, tuple[int, PathResult, tuple]]  # value -> (slot, a path, its condition)
     unknown: list[str]
 
 
@@ -892,9 +925,32 @@ def _effects(obj: BpfObject, section: str, budgets: dict[str, Any]) -> _Effects:
             eff.ctx[c.kind].setdefault(c.field, c.pc)
         for m in p.map_accesses:
             eff.maps.setdefault(m.map, {}).setdefault(_MAP_KIND[m.kind], m.pc)
+        if any(h.name in _LAYOUT_HELPERS for h in p.helpers):  # moves every byte it sees
+            pc = next(h.pc for h in p.helpers if h.name in _LAYOUT_HELPERS)
+            eff.pkt["write"].append((0, (1 << 16) - 1, pc))
         if p.complete and p.ret_value is not None:
-            eff.verdicts.setdefault(verdict_value(p.ret_value), (p.trace[-1], p))
+            eff.verdicts.setdefault(verdict_value(p.ret_value), (p.trace[-1], p, ()))
+        elif p.complete:  # a verdict the input decides: ask which pre-empting ones it can be
+            low = z3.Extract(31, 0, p.ret)
+            for code in _PREEMPTING.get(ptype, {}):
+                if code not in eff.verdicts:
+                    s = z3.Solver()
+                    s.set("timeout", _MODEL_TIMEOUT_MS)
+                    s.add(*p.path_condition, low == (code & 0xFFFFFFFF))
+                    if s.check() != z3.unsat:
+                        eff.verdicts[code] = (p.trace[-1], p, (low == (code & 0xFFFFFFFF),))
     return eff
+
+
+def _merged(windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Inclusive windows with overlapping or adjacent ones joined: 0..13 and 14..33 -> 0..33."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(windows):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _spans(accesses: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -968,11 +1024,11 @@ def interfere(
         if seen is not None:
             out.append(Conflict("ctx", f"{names[0]} may write ctx field {fld}; {names[1]} uses it",
                                 pc, seen))  # fmt: skip
-    for value, (pc, path) in sorted(a.verdicts.items()):
+    for value, (pc, path, cond) in sorted(a.verdicts.items()):
         label = _PREEMPTING.get(a.ptype, {}).get(value)
         if label is None:
             continue
-        cex = _counterexample(path)
+        cex = _counterexample(path, *cond)
         example = f" (e.g. {describe_packet(cex.packet)})" if cex else ""
         out.append(Conflict(
             "verdict",

@@ -42,7 +42,12 @@ PolicyOpt = Annotated[
     typer.Option("--policy", "-p", help="policy file (YAML/JSON) or a shipped policy's name"),
 ]
 BudgetOpt = Annotated[
-    str, typer.Option("--budget", help="time budget per program, e.g. 60s (UNKNOWN past it)")
+    str | None,
+    typer.Option(
+        "--budget",
+        help="time budget per program, e.g. 60s (UNKNOWN past it); default: the "
+        "policy's budget.time_s, else 60s",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 OutOpt = Annotated[
@@ -145,7 +150,7 @@ def check_cmd(
     obj_path: ObjectArg,
     policy: PolicyOpt = None,
     section: SectionOpt = None,
-    budget: BudgetOpt = "60s",
+    budget: BudgetOpt = None,
     replay: Annotated[
         bool, typer.Option("--replay", help="replay counterexamples in the kernel (root)")
     ] = False,
@@ -155,7 +160,7 @@ def check_cmd(
     """Check every path of every program against a policy (exit 0 / 1 / 3)."""
     obj = _object(obj_path)
     pol = resolve_policy(policy) if policy else Policy()
-    seconds = parse_budget(budget)
+    seconds = parse_budget(budget) if budget else pol.budget.time_s or 60.0
     sections = entry_sections(obj, pol, section)
     programs = []
     with progress_bar(transient=True) as bar:
@@ -196,7 +201,7 @@ def interfere_cmd(
     second_section: Annotated[
         str | None, typer.Option("--second-section", help="program section of SECOND")
     ] = None,
-    budget: BudgetOpt = "60s",
+    budget: BudgetOpt = None,
     as_json: JsonOpt = False,
     out: OutOpt = None,
 ) -> None:
@@ -209,7 +214,7 @@ def interfere_cmd(
             b,
             first_section=first_section,
             second_section=second_section,
-            time_budget_s=parse_budget(budget),
+            time_budget_s=parse_budget(budget) if budget else 60.0,
         )
     data = result.to_json()
     if out:
@@ -255,7 +260,7 @@ def serve_cmd(
     pin_dir: Annotated[
         Path | None, typer.Option("--pin-dir", help="pin loaded programs under this bpffs folder")
     ] = None,
-    budget: BudgetOpt = "60s",
+    budget: BudgetOpt = None,
     client_policies: Annotated[
         bool, typer.Option("--client-policies", help="let clients send their own policy")
     ] = False,
@@ -269,7 +274,7 @@ def serve_cmd(
         audit_log,
         allow_load=allow_load,
         pin_dir=pin_dir,
-        time_budget_s=parse_budget(budget),
+        time_budget_s=parse_budget(budget) if budget else 60.0,
         client_policies=client_policies,
     )
     broker.start()

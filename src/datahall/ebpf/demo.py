@@ -97,7 +97,7 @@ def run(out_dir: Path, progress: Progress) -> DemoResult:
         if report.violations:
             row["replay"] = _replay(obj, report)
         rows.append(row)
-        if name == SHOWN and report.violations:
+        if name == SHOWN and report.violations and report.violations[0].counterexample:
             shown = (report.violations[0], policy, row)
         progress.advance(task)
     chained = interfere(load(built["interfere_a"]), load(built["interfere_b"]))

@@ -88,8 +88,6 @@ SKB_FIELDS = {
 }  # fmt: skip
 """``struct __sk_buff`` field offsets (TC / sched_cls programs)."""
 
-_PKT_PTR_FIELDS = {"data", "data_meta"}
-
 
 class _Incomplete(Exception):
     """Raised inside a path for a construct the engine does not model."""
@@ -859,8 +857,10 @@ class _Explorer:
         table = XDP_FIELDS if self.ptype == "xdp" else (
             SKB_FIELDS if self.ptype in ("sched_cls", "sched_act") else {})  # fmt: skip
         name = table.get(off, f"ctx+{off}")
-        if name in _PKT_PTR_FIELDS:
+        if name == "data":
             return name, Ptr("packet", S.const(0))
+        if name == "data_meta":  # metadata before the packet; not modelled beyond its own bytes
+            return name, Ptr("meta", S.const(0))
         if name == "data_end":
             return name, "data_end"
         if name == "len" and table is SKB_FIELDS:
@@ -931,15 +931,17 @@ class _Explorer:
         return b
 
     def peek(self, st: _State, p: Any, n: Any, pc: int, what: str) -> list:
-        """The bytes ``p[0:n]`` as z3 bytes, without recording an access (for helpers that
-        read memory: keys, values, output records). A size that is not a small constant gives
-        every byte the region holds so far (an over-approximation for information flow)."""
+        """The bytes ``p[0:n]`` as z3 bytes, for helpers that read memory (keys, values,
+        output records); reading packet bytes is recorded as a packet read. A size that is not
+        a small constant (or None) gives every byte the region holds so far (an
+        over-approximation for information flow)."""
         if not isinstance(p, Ptr):
             raise _Incomplete(f"pc {pc}: {what} is not a pointer")
-        k = self._const(n) if not isinstance(n, Ptr) else None
+        k = self._const(n) if n is not None and not isinstance(n, Ptr) else None
         if p.region == "packet":
             if k is None or k > STACK_SIZE:
-                return [z3.Select(st.packet, p.off)]
+                raise _Incomplete(f"pc {pc}: {what} is packet data of a size that is not fixed")
+            st.pkt.append(self.pkt_access(st, "read", p.off, k, pc))
             return [z3.Select(st.packet, p.off + i) for i in range(k)]
         mem = st.mem.setdefault(p.region, {})
         if k is None or k > STACK_SIZE:
@@ -1135,13 +1137,30 @@ class _Explorer:
             st.sinks.append((name, self.map_arg(args[1], pc), pc))
             st.maps.append(MapAccess(st.sinks[-1][1], "output", pc, step))
             record = self.peek(st, args[3], args[4], pc, "the record")
-            if name != "perf_event_output":  # skb/xdp_output also copy the packet
-                record.append(z3.Select(st.packet, S.const(0)))
+            if self.ptype in ("xdp", "sched_cls", "sched_act") and not isinstance(args[2], Ptr):
+                # the flags' upper 32 bits ask for that many packet bytes after the record
+                n = z3.simplify(z3.LShR(args[2], 32) & 0xFFFFF)
+                if not (z3.is_bv_value(n) and n.as_long() == 0):
+                    size = self._const(n)
+                    rng = (0, size) if size is not None else None
+                    st.pkt.append(PacketAccess("read", S.const(0), n, rng, True, pc))
+                    record.append(z3.Select(st.packet, S.const(0)))
             st.flows.append(("perf_output", record, pc))
         elif name == "probe_write_user":
             st.flows.append(("user", self.peek(st, args[1], args[2], pc, "the source"), pc))
         elif name == "skb_store_bytes":
-            self.store_bytes(st, args[1], self.peek(st, args[2], args[3], pc, "from"), pc)
+            n = self._const(args[3]) if not isinstance(args[3], Ptr) else None
+            if n is not None and n <= STACK_SIZE:
+                self.store_bytes(st, args[1], self.peek(st, args[2], args[3], pc, "from"), pc)
+            else:  # a length the input decides: the write covers [off, off + len), bytes unknown
+                if isinstance(args[1], Ptr) or isinstance(args[3], Ptr):
+                    raise _Incomplete(f"pc {pc}: skb_store_bytes with a pointer offset or length")
+                off, length = S.zext(args[1], 32), S.zext(args[3], 32)
+                start, end = z3.simplify(off), z3.simplify(off + length)
+                st.pkt.append(PacketAccess("write", start, end, None, True, pc, length != 0))
+                st.packet = z3.Array(f"packet@{pc}#{next(self.uid)}", z3.BitVecSort(64),
+                                     z3.BitVecSort(8))  # fmt: skip
+                st.flows.append(("packet", self.peek(st, args[2], None, pc, "from"), pc))
         elif name in ("l3_csum_replace", "l4_csum_replace"):
             new = [self.fresh(f"{name}@{pc}", 8) for _ in range(2)]
             self.store_bytes(st, args[1], [z3.Extract(7, 0, b) for b in new], pc)
@@ -1172,6 +1191,11 @@ class _Explorer:
             n = self._const(size_arg) if not isinstance(size_arg, Ptr) else None
             if n is None or n > STACK_SIZE:
                 raise _Incomplete(f"pc {pc}: {name} of a size that is not a fixed small constant")
+            if name in ("skb_load_bytes", "xdp_load_bytes"):
+                if isinstance(args[1], Ptr):
+                    raise _Incomplete(f"pc {pc}: {name} at an offset that is a pointer")
+                # the helper checks bounds itself; the bytes it copies are a packet read
+                st.pkt.append(self.pkt_access(st, "read", S.zext(args[1], 32), n, pc, True))
             self.write_fresh(st, dst, n, pc, name)
             src = "user" if "user" in name else ("packet" if "bytes" in name else "kernel")
             st.reads.append((src, pc))
@@ -1187,8 +1211,30 @@ class _Explorer:
             clobber(st)
             ok = ret == 0
             kids = []
+            delta = args[1]
             for k, success in self.branch(st, ok):
-                if success:  # a new packet, which earlier packet pointers do not reach
+                if (
+                    success
+                    and name in ("xdp_adjust_head", "xdp_adjust_tail")
+                    and not isinstance(delta, Ptr)
+                ):
+                    # The same bytes seen from a moved start (head) or end (tail); the kernel
+                    # keeps at least an Ethernet header. Bytes grown at the head are unknown.
+                    d = S.sext(S.zext(delta, 32), 32)
+                    if name == "xdp_adjust_head":
+                        i = z3.BitVec(f"i#{next(self.uid)}", 64)
+                        grown = z3.Array(f"head@{pc}#{next(self.uid)}", z3.BitVecSort(64),
+                                         z3.BitVecSort(8))  # fmt: skip
+                        old = k.packet
+                        k.packet = z3.Lambda(
+                            [i], z3.If(i + d < 0, z3.Select(grown, i), z3.Select(old, i + d))
+                        )
+                        k.pkt_len = z3.simplify(k.pkt_len - d)
+                    else:
+                        k.pkt_len = z3.simplify(k.pkt_len + d)
+                    k.pc_conds += [z3.UGE(k.pkt_len, 14), z3.ULE(k.pkt_len, self.max_packet)]
+                    k.model = None  # the new conditions may not hold in it
+                elif success:  # a new packet, which earlier packet pointers do not reach
                     k.packet = z3.Array(
                         f"packet@{pc}#{next(self.uid)}", z3.BitVecSort(64), z3.BitVecSort(8)
                     )

@@ -1045,6 +1045,10 @@ def resolve_policy(spec: str) -> Policy:
             ],
             "--policy",
         )
+    if Path(spec).is_dir():
+        raise PolicyError(
+            [ConfigIssue(0, "", f"{spec} is a folder; give a policy file")], "--policy"
+        )
     return load_policy(spec)
 
 
